@@ -1,0 +1,120 @@
+"""Augmentation throughput: batched on-device pipeline against torchvision's per-sample PIL pipeline.
+
+    python bench/augment.py [--data-dir ../shared/data/cifar10-jpeg.tar.gz] [--device cpu|cuda]
+
+Both sides run the same four transforms with the same settings (RandomCrop(32, padding=4),
+RandomHorizontalFlip, ColorJitter(0.2, 0.2, 0.2, 0.05) with p=0.8, RandomErasing(p=0.25)) on the same
+real images and end at the same thing: a normalized float32 batch of 256. The baseline is a
+torchvision Compose inside a DataLoader with one worker per core, as popular CIFAR repositories run
+it. Warm-up batches are excluded from both timings; each figure is the median of --repeats runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from preactresnet.data import AugmentConfig, BatchAugment, load_dataset  # noqa: E402
+
+
+class PILDataset(torch.utils.data.Dataset):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform):
+        from PIL import Image
+
+        self.images = [Image.fromarray(img.permute(1, 2, 0).numpy()) for img in images]
+        self.labels = labels.tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i]), self.labels[i]
+
+
+def torchvision_pipeline(cfg: AugmentConfig, mean, std):
+    import torchvision.transforms as T
+
+    return T.Compose(
+        [
+            T.RandomCrop(32, padding=cfg.crop_padding),
+            T.RandomHorizontalFlip(cfg.flip_prob),
+            T.RandomApply([T.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)], p=cfg.jitter_prob),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+            T.RandomErasing(cfg.erase_prob, cfg.erase_scale, cfg.erase_ratio, value=0),
+        ]
+    )
+
+
+def time_baseline(images, labels, cfg, mean, std, batch, batches, workers) -> float:
+    ds = PILDataset(images, labels, torchvision_pipeline(cfg, mean, std))
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers, persistent_workers=workers > 0
+    )
+    it = iter(loader)
+    next(it)  # warm-up: worker start and first batch excluded
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    elapsed = time.perf_counter() - start
+    del it, loader
+    return batches * batch / elapsed
+
+
+def time_batched(images, cfg, mean, std, batch, batches, device, dtype, channels_last) -> float:
+    aug = BatchAugment(cfg, mean, std, dtype=dtype, channels_last=channels_last)
+    x = images.to(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    n = len(x) // batch
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for i in range(3):  # warm-up
+        aug(x[(i % n) * batch : (i % n + 1) * batch], g)
+    sync()
+    start = time.perf_counter()
+    for i in range(batches):
+        aug(x[(i % n) * batch : (i % n + 1) * batch], g)
+    sync()
+    return batches * batch / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="augmentation throughput, batched vs torchvision PIL")
+    ap.add_argument("--data-dir", default="../shared/data/cifar10-jpeg.tar.gz")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--images", type=int, default=5120, help="real training images used by both sides")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=os.cpu_count(), help="baseline DataLoader workers")
+    args = ap.parse_args()
+
+    ds = load_dataset(data_dir=args.data_dir)
+    images, labels = ds.train_images[: args.images], ds.train_labels[: args.images]
+    cfg = AugmentConfig()
+    device = torch.device(args.device)
+    batches = args.images // args.batch_size
+    print(f"data: {ds.summary()}; {len(images)} images, batch {args.batch_size}, torch threads {torch.get_num_threads()}")
+
+    base = [time_baseline(images, labels, cfg, ds.mean, ds.std, args.batch_size, batches - 1, args.workers) for _ in range(args.repeats)]
+    ours = [time_batched(images, cfg, ds.mean, ds.std, args.batch_size, batches * 4, device, torch.float32, False) for _ in range(args.repeats)]
+    ours_bf16 = [time_batched(images, cfg, ds.mean, ds.std, args.batch_size, batches * 4, device, torch.bfloat16, True) for _ in range(args.repeats)]
+    b, o, o16 = statistics.median(base), statistics.median(ours), statistics.median(ours_bf16)
+    print(f"torchvision PIL Compose, DataLoader x{args.workers} workers : {b:12,.0f} images/s")
+    print(f"batched on {device.type}, float32 NCHW output        : {o:12,.0f} images/s  ({o / b:.1f}x)")
+    print(f"batched on {device.type}, bf16 channels_last output  : {o16:12,.0f} images/s  ({o16 / b:.1f}x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""Batched augmentation on the training device: uint8 batch in, normalized float batch out.
+
+RandomCrop(32, padding=4), RandomHorizontalFlip, ColorJitter and RandomErasing with torchvision's
+semantics, but every sample draws its own parameters and the whole batch is transformed in a few
+tensor ops. Written by hand because torchvision's transforms draw one parameter set per call: per
+sample they run one image at a time on the CPU, which is what starves a GPU (see bench/augment.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+
+# ITU-R 601-2 luma, the weights torchvision's rgb_to_grayscale uses.
+_LUMA = (0.2989, 0.587, 0.114)
+
+
+@dataclass
+class AugmentConfig:
+    """Probability and strength of each augmentation (0 turns one off)."""
+
+    crop_padding: int = 4  # RandomCrop(32, padding=crop_padding), zero fill
+    crop_prob: float = 1.0
+    flip_prob: float = 0.5
+    jitter_prob: float = 0.8  # ColorJitter applied to this fraction of samples
+    brightness: float = 0.2  # factor in [1 - b, 1 + b]
+    contrast: float = 0.2
+    saturation: float = 0.2
+    hue: float = 0.05  # shift in [-h, h] of a full hue turn (at most 0.5)
+    erase_prob: float = 0.25  # RandomErasing(p, scale, ratio, value=0) after normalization
+    erase_scale: tuple[float, float] = (0.02, 0.33)
+    erase_ratio: tuple[float, float] = (0.3, 3.3)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name.endswith("_prob") and not 0.0 <= v <= 1.0:
+                raise ValueError(f"augmentation {f.name} must be in [0, 1], got {v}")
+        if self.crop_padding < 0:
+            raise ValueError(f"crop_padding must be >= 0, got {self.crop_padding}")
+        if not 0.0 <= self.hue <= 0.5:
+            raise ValueError(f"hue must be in [0, 0.5], got {self.hue}")
+        for name in ("brightness", "contrast", "saturation"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        self.erase_scale = tuple(self.erase_scale)
+        self.erase_ratio = tuple(self.erase_ratio)
+        if not 0 < self.erase_scale[0] <= self.erase_scale[1] <= 1:
+            raise ValueError(f"erase_scale must be 0 < lo <= hi <= 1, got {self.erase_scale}")
+        if not 0 < self.erase_ratio[0] <= self.erase_ratio[1]:
+            raise ValueError(f"erase_ratio must be 0 < lo <= hi, got {self.erase_ratio}")
+
+
+def _gray(img: torch.Tensor) -> torch.Tensor:
+    r, g, b = img.unbind(dim=1)
+    return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(1)
+
+
+def _blend(img: torch.Tensor, other: torch.Tensor | float, factor: torch.Tensor) -> torch.Tensor:
+    f = factor.view(-1, 1, 1, 1)
+    return (f * img + (1.0 - f) * other).clamp_(0.0, 1.0)
+
+
+def adjust_brightness(img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (img * factor.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
+
+
+def adjust_contrast(img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend(img, _gray(img).mean(dim=(1, 2, 3), keepdim=True), factor)
+
+
+def adjust_saturation(img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend(img, _gray(img), factor)
+
+
+def adjust_hue(img: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """torchvision's RGB -> HSV, shift H, HSV -> RGB, fused and branch-free (about 2x faster on the CPU):
+    with v = max and v*s = max - min = chroma, channel n of the result is max - chroma * w(k), where
+    w(k) = clamp(min(k, 4 - k), 0, 1) and k = (n + 6h) mod 6 for n = 5, 3, 1 (R, G, B)."""
+    r, g, b = img.unbind(dim=1)
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    chroma = maxc - torch.minimum(torch.minimum(r, g), b)
+    inv = chroma.clamp_min(1e-12).reciprocal_()  # grey pixels: every difference below is 0 there
+    # Float masks instead of torch.where, which is several times slower on the CPU.
+    is_r = (maxc == r).to(img.dtype)
+    is_g = (maxc == g).to(img.dtype).mul_(1.0 - is_r)
+    h6 = (r - g).mul_(inv).add_(4.0)  # max is blue
+    from_r = (g - b).mul_(inv).sub_(h6)
+    from_g = (b - r).mul_(inv).add_(2.0).sub_(h6)
+    h6.add_(from_r.mul_(is_r)).add_(from_g.mul_(is_g)).add_(shift.view(-1, 1, 1), alpha=6.0)
+    k = h6.unsqueeze(1) + torch.tensor((5.0, 3.0, 1.0), device=img.device, dtype=img.dtype).view(1, 3, 1, 1)
+    k.sub_(torch.floor(k * (1.0 / 6.0)).mul_(6.0))  # k mod 6
+    w = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return w.mul_(chroma.unsqueeze(1)).neg_().add_(maxc.unsqueeze(1))
+
+
+class BatchAugment:
+    """uint8 B x 3 x H x W -> augmented (if `config`), normalized batch in `dtype` and memory format.
+
+    With `config=None` it only normalizes: the evaluation transform.
+    """
+
+    def __init__(
+        self,
+        config: AugmentConfig | None,
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+        dtype: torch.dtype = torch.float32,
+        channels_last: bool = False,
+    ):
+        self.config = config
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.dtype = dtype
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    # -- parameters --------------------------------------------------------------------------
+    def sample_params(self, batch: int, height: int, width: int, device, generator=None) -> dict:
+        """Draw every sample's own parameters (offsets, flips, jitter factors, erase boxes)."""
+        cfg = self.config
+        g = dict(generator=generator, device=device)
+
+        def uniform(lo: float, hi: float) -> torch.Tensor:
+            return lo + (hi - lo) * torch.rand(batch, **g)
+
+        p = cfg.crop_padding
+        crop = torch.rand(batch, **g) < cfg.crop_prob
+        centre = torch.full((batch,), p, device=device, dtype=torch.int64)
+        params = {
+            "dy": torch.where(crop, torch.randint(0, 2 * p + 1, (batch,), **g), centre),
+            "dx": torch.where(crop, torch.randint(0, 2 * p + 1, (batch,), **g), centre),
+            "flip": torch.rand(batch, **g) < cfg.flip_prob,
+        }
+        jitter = torch.rand(batch, **g) < cfg.jitter_prob
+        one = torch.ones(batch, device=device)
+        for name in ("brightness", "contrast", "saturation"):
+            s = getattr(cfg, name)
+            params[name] = torch.where(jitter, uniform(max(0.0, 1.0 - s), 1.0 + s), one)
+        params["hue"] = torch.where(jitter, uniform(-cfg.hue, cfg.hue), one - 1.0)
+        # torchvision shuffles the four colour ops per call; here once per batch, to stay vectorized.
+        params["jitter_order"] = torch.randperm(4, generator=generator, device=device).tolist()
+        params["jitter"] = jitter
+        params.update(self._erase_boxes(batch, height, width, device, generator))
+        return params
+
+    def _erase_boxes(self, batch: int, height: int, width: int, device, generator) -> dict:
+        """torchvision's RandomErasing box search (10 tries per sample), for all samples at once."""
+        cfg = self.config
+        tries = 10
+        g = dict(generator=generator, device=device)
+        area = height * width
+        lo, hi = cfg.erase_scale
+        target = area * (lo + (hi - lo) * torch.rand(batch, tries, **g))
+        log_lo, log_hi = math.log(cfg.erase_ratio[0]), math.log(cfg.erase_ratio[1])
+        ratio = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(batch, tries, **g))
+        h = torch.round(torch.sqrt(target * ratio)).long()
+        w = torch.round(torch.sqrt(target / ratio)).long()
+        ok = (h < height) & (w < width)
+        first = ok.to(torch.int8).argmax(dim=1, keepdim=True)  # the first try that fits, as torchvision
+        h = h.gather(1, first).squeeze(1)
+        w = w.gather(1, first).squeeze(1)
+        erase = (torch.rand(batch, **g) < cfg.erase_prob) & ok.any(dim=1)
+        top = (torch.rand(batch, **g) * (height - h + 1)).long()
+        left = (torch.rand(batch, **g) * (width - w + 1)).long()
+        zero = torch.zeros_like(h)
+        return {
+            "erase": erase,
+            "erase_top": torch.where(erase, top, zero),
+            "erase_left": torch.where(erase, left, zero),
+            "erase_h": torch.where(erase, h, zero),
+            "erase_w": torch.where(erase, w, zero),
+        }
+
+    # -- application --------------------------------------------------------------------------
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.config is None:
+            return self.normalize(images)
+        b, _, h, w = images.shape
+        return self.apply(images, self.sample_params(b, h, w, images.device, generator))
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float().div_(255.0)
+        return self._finish(self._standardize(x))
+
+    def apply(self, images: torch.Tensor, params: dict) -> torch.Tensor:
+        cfg = self.config
+        x = self._crop_flip(images, params)  # still uint8: gathers move a quarter of the bytes
+        x = x.float().div_(255.0)
+        if bool(params["jitter"].any()):
+            ops = {
+                0: (cfg.brightness, adjust_brightness, "brightness"),
+                1: (cfg.contrast, adjust_contrast, "contrast"),
+                2: (cfg.saturation, adjust_saturation, "saturation"),
+                3: (cfg.hue, adjust_hue, "hue"),
+            }
+            for i in params["jitter_order"]:
+                strength, fn, key = ops[i]
+                if strength > 0:
+                    x = fn(x, params[key])
+        x = self._standardize(x)
+        if cfg.erase_prob > 0:
+            x = self._erase(x, params)
+        return self._finish(x)
+
+    def _crop_flip(self, images: torch.Tensor, params: dict) -> torch.Tensor:
+        # One flat gather per plane: about 4x faster on the CPU than 4-D advanced indexing.
+        b, c, h, w = images.shape
+        p = self.config.crop_padding
+        padded = torch.nn.functional.pad(images, (p, p, p, p)) if p else images
+        dev = images.device
+        ar_h = torch.arange(h, device=dev)
+        ar_w = torch.arange(w, device=dev)
+        cols = torch.where(params["flip"][:, None], ar_w.flip(0)[None, :], ar_w[None, :]) + params["dx"][:, None]
+        rows = params["dy"][:, None] + ar_h[None, :]
+        idx = (rows[:, :, None] * (w + 2 * p) + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+        return torch.gather(padded.reshape(b, c, -1), 2, idx).view(b, c, h, w)
+
+    def _erase(self, x: torch.Tensor, params: dict) -> torch.Tensor:
+        _, _, h, w = x.shape
+        rows = torch.arange(h, device=x.device)[None, :, None]
+        cols = torch.arange(w, device=x.device)[None, None, :]
+        top, left = params["erase_top"][:, None, None], params["erase_left"][:, None, None]
+        mask = (
+            (rows >= top)
+            & (rows < top + params["erase_h"][:, None, None])
+            & (cols >= left)
+            & (cols < left + params["erase_w"][:, None, None])
+        )
+        return x.masked_fill_(mask[:, None], 0.0)
+
+    def _standardize(self, x: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        inv_std = torch.tensor([1.0 / s for s in self.std], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        return x.sub_(mean).mul_(inv_std)
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(dtype=self.dtype, memory_format=self.memory_format)

@@ -1,0 +1,83 @@
+"""Shared fixtures: the real CIFAR-10 archive (fails in CI when missing), small real datasets, temp dirs."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_ARCHIVE = Path(os.environ.get("CIFAR10_JPEG", ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"))
+
+
+@pytest.fixture(scope="session")
+def shared_archive() -> Path:
+    """The real CIFAR-10 JPEG archive: in CI (CI=true) its absence is a failure, elsewhere a skip."""
+    if not SHARED_ARCHIVE.is_file():
+        message = f"real CIFAR-10 archive not found at {SHARED_ARCHIVE} (set CIFAR10_JPEG to its path)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return SHARED_ARCHIVE
+
+
+@pytest.fixture(scope="session")
+def sample_dataset(tmp_path_factory):
+    """The bundled sample (real CIFAR-10 images), loaded once through the normal path."""
+    from preactresnet.data import load_dataset
+
+    return load_dataset("cifar10", "sample", cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+def write_tree(root: Path, images: torch.Tensor, labels: torch.Tensor, classes: list[str], split: str, fmt: str = "png") -> None:
+    from PIL import Image
+
+    for i, (img, y) in enumerate(zip(images, labels.tolist())):
+        d = root / split / classes[y]
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(d / f"{i:05d}.{fmt}")
+
+
+def tar_folder(folder: Path, out: Path) -> Path:
+    with tarfile.open(out, "w:gz") as tar:
+        for split in ("train", "test"):
+            tar.add(folder / split, arcname=f"cifar/{split}")
+    return out
+
+
+def write_official(root: Path, train_x, train_y, test_x, test_y, classes) -> Path:
+    """The official python release layout (cifar-10-batches-py/), written with pickle protocol 2."""
+    import pickle
+
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    chunks = np.array_split(np.arange(len(train_y)), 5)
+    for i, idx in enumerate(chunks, start=1):
+        batch = {b"data": train_x[idx].reshape(len(idx), -1).numpy(), b"labels": train_y[idx].tolist()}
+        (d / f"data_batch_{i}").write_bytes(pickle.dumps(batch, protocol=2))
+    test = {b"data": test_x.reshape(len(test_y), -1).numpy(), b"labels": test_y.tolist()}
+    (d / "test_batch").write_bytes(pickle.dumps(test, protocol=2))
+    (d / "batches.meta").write_bytes(pickle.dumps({b"label_names": [c.encode() for c in classes]}, protocol=2))
+    return d
+
+
+@pytest.fixture()
+def small_real(sample_dataset):
+    """40 training and 20 test real images (4 and 2 per class) as tensors."""
+    ds = sample_dataset
+    tr = torch.cat([(ds.train_labels == c).nonzero().flatten()[:4] for c in range(10)])
+    te = torch.cat([(ds.test_labels == c).nonzero().flatten()[:2] for c in range(10)])
+    return ds.train_images[tr], ds.train_labels[tr], ds.test_images[te], ds.test_labels[te], ds.classes
+
+
+def png_bytes(img: torch.Tensor) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img.permute(1, 2, 0).numpy()).save(buf, format="PNG")
+    return buf.getvalue()

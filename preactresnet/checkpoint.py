@@ -1,0 +1,124 @@
+"""Checkpoints that survive a kill at any moment and never unpickle arbitrary objects.
+
+A run folder `checkpoints/<run>/` holds:
+  last.safetensors, best.safetensors  weights (no `module.` / `_orig_mod.` prefixes) and, as metadata,
+                                      everything needed to use them: model name and arguments, class
+                                      names, normalization, epoch and accuracy
+  last.state.pt                       the full training state for --resume: weights, optimizer,
+                                      scheduler, scaler, EMA, loader position, RNG states, config
+Every file is written to a temporary name and moved into place with os.replace (atomic on POSIX and
+Windows), so the previous version stays intact until the new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+WEIGHTS_FORMAT = "preactresnet/1"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used, worded as one line naming the file and the fix."""
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module under DistributedDataParallel and torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict) -> None:
+    """Write weights as safetensors with JSON-encoded metadata, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    meta = {"format": WEIGHTS_FORMAT, **{k: json.dumps(v) for k, v in metadata.items()}}
+    tmp = _tmp(path)
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_metadata(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found; pass --checkpoint PATH to a .safetensors file or run folder")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({err}); it may be truncated or corrupt") from None
+    if raw.get("format") != WEIGHTS_FORMAT:
+        raise CheckpointError(f"{path} was not written by preactresnet (no '{WEIGHTS_FORMAT}' format tag)")
+    return {k: json.loads(v) for k, v in raw.items() if k != "format"}
+
+
+def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    meta = read_metadata(path)
+    try:
+        return load_file(str(path)), meta
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({err}); it may be truncated or corrupt") from None
+
+
+def save_state(path: str | Path, state: dict) -> None:
+    """torch.save the training state atomically (tensors and plain Python values only)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_state(path: str | Path) -> dict:
+    """Load a training state with weights_only=True: a file that asks to run code is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"training state {path} not found; is this a run folder made by train.py?")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "unsafe content"
+        raise CheckpointError(f"{path} holds objects a checkpoint never holds; refusing to load it ({first})") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} is truncated or corrupt ({first}); resume from another run or start afresh") from None
+
+
+def find_run(spec: str, checkpoint_dir: str | Path) -> Path:
+    """Resolve --resume: a run folder, a run name under checkpoint_dir, or 'auto' (the newest run)."""
+    root = Path(checkpoint_dir)
+    if spec == "auto":
+        runs = [p for p in root.glob("*/last.state.pt")] if root.is_dir() else []
+        if not runs:
+            raise CheckpointError(f"--resume auto found no run with a last.state.pt under {root}/; train one first")
+        return max(runs, key=lambda p: p.stat().st_mtime).parent
+    for candidate in (Path(spec), root / spec):
+        if (candidate / "last.state.pt").is_file():
+            return candidate
+        if candidate.is_file() and candidate.name == "last.state.pt":
+            return candidate.parent
+    raise CheckpointError(f"--resume {spec}: no last.state.pt there or under {root}/{spec}; pass a run folder or 'auto'")

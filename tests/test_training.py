@@ -1,0 +1,247 @@
+import math
+import os
+import pickle
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from preactresnet.checkpoint import CheckpointError, load_state, read_metadata, save_state, save_weights, unwrap_model
+from preactresnet.cli import main_train
+from preactresnet.config import TrainConfig, parse_args
+from preactresnet.training import NonFiniteLoss, Trainer, build_mixup, build_scheduler
+
+TINY = [
+    "--data-dir", "sample", "--model", "preactresnet18", "--width-mult", "0.125", "--batch-size", "32",
+    "--no-progress", "--log-interval", "2", "--warmup-epochs", "0.5", "--amp", "off",
+]
+
+
+def run_args(tmp_path, *extra):
+    return [
+        *TINY, "--checkpoint-dir", str(tmp_path / "ck"), "--log-dir", str(tmp_path / "runs"),
+        "--fig-dir", str(tmp_path / "fig"), *extra,
+    ]
+
+
+def trainer(tmp_path, *extra):
+    cfg, explicit = parse_args(run_args(tmp_path, *extra))
+    return Trainer(cfg, explicit, out=lambda *a: None)
+
+
+def test_end_to_end_on_the_sample(tmp_path):
+    t = trainer(tmp_path, "--epochs", "2", "--max-steps-per-epoch", "40", "--optimizer", "sgd", "--lr", "0.1",
+                "--mix-prob", "0", "--run-name", "e2e")
+    result = t.fit()
+    run = tmp_path / "ck" / "e2e"
+    for name in ("best.safetensors", "last.safetensors", "last.state.pt", "config.yaml"):
+        assert (run / name).is_file(), name
+    assert list((tmp_path / "runs" / "e2e").glob("events.out.tfevents.*"))
+    assert (tmp_path / "runs" / "e2e" / "metrics.csv").read_text().count("\n") == 3
+    assert (tmp_path / "fig" / "e2e" / "training_curves.png").stat().st_size > 10_000
+    assert result["final"].accuracy > 20.0, "two short epochs on real images must beat chance (10%)"
+    weights = load_file(run / "best.safetensors")
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in weights)
+    meta = read_metadata(run / "best.safetensors")
+    assert meta["model"] == "preactresnet18" and meta["classes"][0] == "airplane" and len(meta["std"]) == 3
+
+
+def _weights(path):
+    return load_file(path)
+
+
+def test_resume_is_exact(tmp_path):
+    common = ["--epochs", "2", "--max-steps-per-epoch", "3", "--deterministic", "--ema", "--drop-rate", "0.2"]
+    trainer(tmp_path, *common, "--run-name", "straight").fit()
+    a = trainer(tmp_path, *common, "--run-name", "split")
+    a.cfg.epochs = 2
+    # Stop after epoch 1 by interrupting at its last step: the run saves and raises KeyboardInterrupt.
+    original = a.scheduler.step_update
+
+    def interrupt_after_epoch_one(num_updates, metric=None):
+        original(num_updates=num_updates)
+        if num_updates == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    a.scheduler.step_update = interrupt_after_epoch_one
+    with pytest.raises(KeyboardInterrupt):
+        a.fit()
+    trainer(tmp_path, "--resume", str(tmp_path / "ck" / "split")).fit()
+    straight = _weights(tmp_path / "ck" / "straight" / "last.safetensors")
+    resumed = _weights(tmp_path / "ck" / "split" / "last.safetensors")
+    assert straight.keys() == resumed.keys()
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+    s1 = load_state(tmp_path / "ck" / "straight" / "last.state.pt")
+    s2 = load_state(tmp_path / "ck" / "split" / "last.state.pt")
+    assert s1["step"] == s2["step"] == 6
+    for k in s1["ema"]:
+        assert torch.equal(s1["ema"][k], s2["ema"][k]), k
+
+
+def test_interrupt_mid_epoch_resumes_exactly(tmp_path):
+    common = ["--epochs", "1", "--max-steps-per-epoch", "5", "--deterministic"]
+    trainer(tmp_path, *common, "--run-name", "straight").fit()
+    a = trainer(tmp_path, *common, "--run-name", "cut")
+    original = a.scheduler.step_update
+
+    def interrupt(num_updates, metric=None):
+        original(num_updates=num_updates)
+        if num_updates == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    a.scheduler.step_update = interrupt
+    with pytest.raises(KeyboardInterrupt):
+        a.fit()
+    state = load_state(tmp_path / "ck" / "cut" / "last.state.pt")
+    assert state["step"] == 2 and state["loader"]["batch"] == 2
+    trainer(tmp_path, "--resume", "cut", "--checkpoint-dir", str(tmp_path / "ck")).fit()
+    x = _weights(tmp_path / "ck" / "straight" / "last.safetensors")
+    y = _weights(tmp_path / "ck" / "cut" / "last.safetensors")
+    assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_interrupted_write_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.state.pt"
+    save_state(path, {"step": 1, "w": torch.ones(3)})
+    wpath = tmp_path / "last.safetensors"
+    save_weights(wpath, {"w": torch.ones(3)}, {"model": "m"})
+
+    def dies_halfway(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"PK\x03\x04 half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        save_state(path, {"step": 2, "w": torch.zeros(3)})
+    assert load_state(path)["step"] == 1
+    import preactresnet.checkpoint as ck
+
+    def dies(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"\x00" * 7)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck, "save_file", dies)
+    with pytest.raises(OSError):
+        save_weights(wpath, {"w": torch.zeros(3)}, {"model": "m"})
+    assert torch.equal(load_file(wpath)["w"], torch.ones(3))
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_crafted_state_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "last.state.pt"
+    torch.save({"x": Evil()}, path, pickle_module=pickle)
+    with pytest.raises(CheckpointError, match="refusing"):
+        load_state(path)
+    assert not marker.exists()
+    (tmp_path / "trunc.pt").write_bytes(path.read_bytes()[:40])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_state(tmp_path / "trunc.pt")
+
+
+def test_unwrap_strips_compile_wrapper():
+    m = torch.nn.Linear(2, 2)
+    assert unwrap_model(torch.compile(m)) is m
+
+
+def test_learning_rate_curve():
+    cfg = TrainConfig(lr=0.1, warmup_lr=0.001, warmup_epochs=2, epochs=10, min_lr=0.0)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = build_scheduler(cfg, opt, steps_per_epoch=50)
+    lrs = []
+    for step in range(500):
+        lrs.append(opt.param_groups[0]["lr"])
+        sched.step_update(num_updates=step + 1)
+    assert lrs[0] == pytest.approx(0.001)
+    assert lrs[50] == pytest.approx(0.001 + 50 * (0.1 - 0.001) / 100)
+    assert lrs[100] == pytest.approx(0.1)  # end of warmup: the peak
+    assert lrs[100 + 200] == pytest.approx(0.05, rel=1e-6)  # half-way down the cosine
+    assert lrs[-1] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 399 / 400)))
+    assert lrs[-1] < 1e-5
+
+
+def test_label_smoothing_applied_once_when_mixing():
+    cfg = TrainConfig(label_smoothing=0.1, mixup_alpha=1.0, cutmix_alpha=0.0, mix_prob=1.0)
+    mixup = build_mixup(cfg, num_classes=10)
+    x = torch.randn(8, 3, 32, 32)
+    y = torch.arange(8)
+    _, target = mixup(x.clone(), y)
+    off, on = 0.1 / 10, 1 - 0.1 + 0.1 / 10
+    lam = float(target[0, 0] - off) / (on - off)  # sample 0 is class 0 mixed with sample 7 (class 7)
+    expected = torch.full((10,), off)
+    expected[0] += lam * (on - off)
+    expected[7] += (1 - lam) * (on - off)
+    assert torch.allclose(target[0], expected, atol=1e-6)
+    assert torch.allclose(target.sum(1), torch.ones(8))
+    mixup.mixup_enabled = False
+    _, plain = mixup(x.clone(), y)
+    assert plain[0, 0] == pytest.approx(on) and plain[0, 1] == pytest.approx(off)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good(tmp_path):
+    t = trainer(tmp_path, "--epochs", "2", "--max-steps-per-epoch", "2", "--run-name", "nan")
+    last = tmp_path / "ck" / "nan" / "last.safetensors"
+    real = t.criterion
+    snapshot = {}
+
+    def nan_in_epoch_two(logits, target):
+        if t.step >= 2:  # epoch 1 is saved by now
+            snapshot.setdefault("bytes", last.read_bytes())
+            return real(logits, target) * float("nan")
+        return real(logits, target)
+
+    t.criterion = nan_in_epoch_two
+    with pytest.raises(NonFiniteLoss, match="loss became nan in epoch 2"):
+        t.fit()
+    assert last.read_bytes() == snapshot["bytes"]
+    assert load_state(tmp_path / "ck" / "nan" / "last.state.pt")["epoch"] == 1
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--model", "resnet9"], "unknown --model 'resnet9'"),
+        (["--optimizer", "lamb"], "unknown --optimizer 'lamb'"),
+        (["--lr", "0"], "--lr must be > 0"),
+        (["--batch-size", "20000"], "lower --batch-size"),
+        (["--amp", "fp8"], "unknown --amp"),
+        (["--config", "configs/nope.yaml"], "not found"),
+    ],
+)
+def test_bad_settings_fail_with_one_line(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_:
+        main_train(run_args(tmp_path, "--epochs", "1", *flags))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "\n" not in err
+
+
+def test_resume_with_another_model_fails(tmp_path, capsys):
+    trainer(tmp_path, "--epochs", "1", "--max-steps-per-epoch", "1", "--run-name", "r18").fit()
+    with pytest.raises(SystemExit):
+        main_train(run_args(tmp_path, "--resume", "r18", "--model", "resnext29_32x4d"))
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --model resnext29_32x4d differs from preactresnet18") and "\n" not in err
+
+
+def test_config_yaml_then_flags(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("lr: 0.2\nepochs: 3\noptimizer: sgd\n")
+    cfg, explicit = parse_args(["--config", str(path), "--epochs", "5"])
+    assert (cfg.lr, cfg.epochs, cfg.optimizer, cfg.batch_size) == (0.2, 5, "sgd", 256)
+    path.write_text("learning_rate: 0.2\n")
+    with pytest.raises(ValueError, match="unknown setting.*learning_rate"):
+        parse_args(["--config", str(path)])
+
+
+def test_spec_defaults():
+    cfg = TrainConfig()
+    assert (cfg.batch_size, cfg.epochs, cfg.lr, cfg.optimizer, cfg.label_smoothing) == (256, 200, 0.05, "adagrad", 0.1)

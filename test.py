@@ -1,9 +1,7 @@
 #!/usr/bin/env python
-"""Evaluate a checkpoint on the CIFAR-10 test set: overall and per-class accuracy (issue: evaluation)."""
+"""Evaluate a checkpoint on the CIFAR test set: `python test.py [--checkpoint PATH] [--tta flip] [--json]`."""
 
-import sys
+from preactresnet.reports import main_test
 
 if __name__ == "__main__":
-    print("test.py: evaluation of saved checkpoints is not built yet (see the evaluation issue); "
-          "train.py already prints the final test accuracy and per-class accuracy", file=sys.stderr)
-    raise SystemExit(1)
+    main_test()

@@ -1,9 +1,7 @@
 #!/usr/bin/env python
-"""Evaluate every saved checkpoint and tabulate them (issue: evaluation)."""
+"""Evaluate saved checkpoints and tabulate them: `python test_with_checkpoints.py [PATHS...] [--sort epoch]`."""
 
-import sys
+from preactresnet.reports import main_checkpoints
 
 if __name__ == "__main__":
-    print("test_with_checkpoints.py: not built yet (see the evaluation issue); each run's per-epoch "
-          "test accuracy is already in runs/<run>/metrics.csv", file=sys.stderr)
-    raise SystemExit(1)
+    main_checkpoints()

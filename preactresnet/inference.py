@@ -1,0 +1,138 @@
+"""Using trained weights: find a checkpoint, rebuild its model, predict with optional test-time augmentation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .checkpoint import CheckpointError, load_weights
+from .evaluation import EvalResult, confusion_counts
+from .models import create_model
+from .system import autocast
+
+TTA_MODES = ("none", "flip", "flip-translate")
+
+
+def _newest(paths: list[Path]) -> Path | None:
+    return max(paths, key=lambda p: p.stat().st_mtime) if paths else None
+
+
+def resolve_checkpoint(spec: str | None, checkpoint_dir: str | Path = "checkpoints", ema: bool = False) -> Path:
+    """A .safetensors file, a run folder, a run name, a pretrained folder, or None for the newest run."""
+    name = "ema.safetensors" if ema else "best.safetensors"
+    root = Path(checkpoint_dir)
+    if spec is None:
+        found = _newest(list(root.glob(f"*/{name}"))) if root.is_dir() else None
+        if found is None:
+            raise CheckpointError(f"no {name} under {root}/; train first (make demo) or pass --checkpoint PATH")
+        return found
+    for candidate in (Path(spec), root / spec):
+        if candidate.is_file():
+            return candidate
+        if candidate.is_dir():
+            for fname in (name, "model.safetensors", "last.safetensors"):
+                if (candidate / fname).is_file():
+                    return candidate / fname
+            raise CheckpointError(f"{candidate} holds no {name}, model.safetensors or last.safetensors")
+    raise CheckpointError(f"checkpoint '{spec}' not found (neither a file, a folder, nor a run under {root}/)")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    meta: dict
+    path: Path
+
+    @property
+    def classes(self) -> list[str]:
+        return self.meta["classes"]
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return tuple(self.meta["mean"])
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(self.meta["std"])
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
+    """Rebuild the model a weights file names and load it strictly (any missing or extra key is an error)."""
+    path = Path(path)
+    state, meta = load_weights(path)
+    for key in ("model", "model_args", "classes", "mean", "std"):
+        if key not in meta:
+            raise CheckpointError(f"{path} lacks '{key}' in its metadata; it was not saved by train.py or export")
+    model = create_model(meta["model"], **meta["model_args"])
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        first = next((ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln), str(err).splitlines()[0])
+        raise CheckpointError(f"{path} does not fit {meta['model']} ({first})") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"{path} does not fit {meta['model']}: {len(result.missing_keys)} missing keys "
+            f"{result.missing_keys[:2]}, {len(result.unexpected_keys)} unexpected {result.unexpected_keys[:2]}"
+        )
+    model.to(device).eval()
+    return LoadedModel(model, meta, path)
+
+
+def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
+    """The images a TTA mode averages over: itself; + its mirror; + both shifted 2 px four ways."""
+    if mode not in TTA_MODES:
+        raise ValueError(f"unknown --tta '{mode}'; use one of {', '.join(TTA_MODES)}")
+    views = [x]
+    if mode in ("flip", "flip-translate"):
+        views.append(x.flip(3))
+    if mode == "flip-translate":
+        padded = F.pad(x, (2, 2, 2, 2))
+        h, w = x.shape[2:]
+        for dy, dx in ((0, 2), (4, 2), (2, 0), (2, 4)):
+            shifted = padded[:, :, dy : dy + h, dx : dx + w]
+            views += [shifted, shifted.flip(3)]
+    return views
+
+
+@torch.no_grad()
+def predict_probs(model: nn.Module, loader, tta: str = "none", amp_dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax probabilities (averaged over TTA views) and labels for every image of an eval loader."""
+    model.eval()
+    probs, labels = [], []
+    for x, y in loader:
+        views = tta_views(x, tta)
+        total = torch.zeros(())
+        for view in views:
+            with autocast(loader.device, amp_dtype):
+                total = total + model(view).float().softmax(dim=1)
+        probs.append((total / len(views)).cpu())
+        labels.append(y.cpu())
+    return torch.cat(probs), torch.cat(labels)
+
+
+def metrics_from_probs(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> EvalResult:
+    pred = probs.argmax(dim=1)
+    confusion = torch.bincount(labels * num_classes + pred, minlength=num_classes**2).view(num_classes, num_classes)
+    correct, total, per_class = confusion_counts(confusion)
+    loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
+    return EvalResult(loss, 100.0 * correct / max(total, 1), correct, total, per_class, confusion)
+
+
+def calibration(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> tuple[float, list[dict]]:
+    """Expected calibration error (percent) and the per-bin confidence/accuracy behind the diagram."""
+    conf, pred = probs.max(dim=1)
+    right = (pred == labels).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    ece, table = 0.0, []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (conf > lo) & (conf <= hi)
+        n = int(inside.sum())
+        if n:
+            acc, c = float(right[inside].mean()), float(conf[inside].mean())
+            ece += n / len(labels) * abs(acc - c)
+            table.append({"lo": float(lo), "hi": float(hi), "count": n, "accuracy": acc, "confidence": c})
+    return 100.0 * ece, table

@@ -1,0 +1,362 @@
+"""test.py, test_with_checkpoints.py and predict.py: evaluate checkpoints, tabulate them, classify images."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError, read_metadata
+from .data import BatchAugment, DataError, TensorLoader, load_dataset
+from .data.sources import IMAGE_EXTENSIONS
+from .inference import TTA_MODES, LoadedModel, calibration, load_model, metrics_from_probs, predict_probs, resolve_checkpoint
+from .system import resolve_amp, resolve_device, tune_malloc
+
+
+def _fail(message: str, code: int = 2) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def _test_loader(lm: LoadedModel, images, labels, device, batch_size: int, amp_dtype) -> TensorLoader:
+    # Normalization comes from the checkpoint, never from the data being evaluated.
+    tf = BatchAugment(None, lm.mean, lm.std, amp_dtype or torch.float32, channels_last=True)
+    return TensorLoader(images, labels, batch_size, train=False, transform=tf, device=device)
+
+
+def _weights_path(args: argparse.Namespace, ema: bool = False) -> Path:
+    if args.pretrained:
+        if args.checkpoint:
+            raise CheckpointError("pass --checkpoint or --pretrained, not both")
+        from .hub import WEIGHTS_NAME, resolve_pretrained
+
+        return resolve_pretrained(args.pretrained) / WEIGHTS_NAME
+    return resolve_checkpoint(args.checkpoint, args.checkpoint_dir, ema)
+
+
+class _DataCache:
+    """Each (dataset, data dir) is loaded once, however many checkpoints use it."""
+
+    def __init__(self, override: str | None, download: bool):
+        self.override, self.download, self._cache = override, download, {}
+
+    def get(self, lm: LoadedModel):
+        key = (lm.meta.get("dataset", "cifar10"), self.override or lm.meta.get("data_dir", "data"))
+        if key not in self._cache:
+            self._cache[key] = load_dataset(key[0], key[1], download=self.download)
+        ds = self._cache[key]
+        if ds.classes != lm.classes:
+            raise CheckpointError(
+                f"{lm.path} was trained on classes {lm.classes[:3]}..., but {key[1]} has {ds.classes[:3]}...; "
+                "pass --data-dir with the data it was trained on"
+            )
+        return ds, key[1]
+
+
+def _confusion_text(confusion: torch.Tensor, classes: list[str]) -> str:
+    short = [c[:5] for c in classes]
+    width = max(5, len(str(int(confusion.max()))))
+    head = " " * 12 + " ".join(f"{s:>{width}}" for s in short)
+    rows = [f"  {c[:10]:<10}" + " ".join(f"{int(v):>{width}}" for v in row) for c, row in zip(classes, confusion)]
+    return "\n".join([head, *rows])
+
+
+# ---------------------------------------------------------------------------------------------------
+# test.py
+
+
+def test_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description="Evaluate a checkpoint on the test set: accuracy, loss, per-class accuracy, confusion matrix.")
+    ap.add_argument("--checkpoint", help="a .safetensors file, a run folder or run name (default: the newest run's best)")
+    ap.add_argument("--pretrained", help="a pretrained folder or Hugging Face Hub repo id (instead of --checkpoint)")
+    ap.add_argument("--checkpoint-dir", default="checkpoints")
+    ap.add_argument("--data-dir", help="test data (default: the data the checkpoint was trained on)")
+    ap.add_argument("--download", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time augmentation; the plain figure is always printed too")
+    ap.add_argument("--ema", action="store_true", help="use the run's EMA weights (ema.safetensors)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--amp", default="auto", help="auto, bf16, fp16 or off")
+    ap.add_argument("--batch-size", type=int, default=500)
+    ap.add_argument("--fig-dir", default="fig")
+    ap.add_argument("--no-figures", action="store_true")
+    return ap
+
+
+def run_test(args: argparse.Namespace) -> dict:
+    tune_malloc()
+    device = resolve_device(args.device)
+    amp_dtype = resolve_amp(args.amp, device)
+    lm = load_model(_weights_path(args, ema=args.ema), device)
+    ds, data_dir = _DataCache(args.data_dir, args.download).get(lm)
+    loader = _test_loader(lm, ds.test_images, ds.test_labels, device, args.batch_size, amp_dtype)
+    probs, labels = predict_probs(lm.model, loader, "none", amp_dtype)
+    plain = metrics_from_probs(probs, labels, len(lm.classes))
+    tta = None
+    if args.tta != "none":
+        tta_probs, _ = predict_probs(lm.model, loader, args.tta, amp_dtype)
+        tta = metrics_from_probs(tta_probs, labels, len(lm.classes))
+    ece, table = calibration(probs, labels)
+    report = {
+        "checkpoint": str(lm.path),
+        "model": lm.meta["model"],
+        "epoch": lm.meta.get("epoch"),
+        "run": lm.meta.get("run"),
+        "data": f"{ds.name} test split, {len(labels)} images from {data_dir}",
+        "accuracy": round(plain.accuracy, 4),
+        "correct": plain.correct,
+        "total": plain.total,
+        "loss": round(plain.loss, 6),
+        "per_class": {c: round(a, 4) for c, a in zip(lm.classes, plain.per_class)},
+        "confusion": plain.confusion.tolist(),
+        "ece": round(ece, 4),
+        "tta": args.tta,
+        "tta_accuracy": round(tta.accuracy, 4) if tta else None,
+        "tta_loss": round(tta.loss, 6) if tta else None,
+        "classes": lm.classes,
+        "figures": [],
+    }
+    if not args.no_figures:
+        report["figures"] = _test_figures(lm, ds, probs, labels, plain, ece, table, Path(args.fig_dir))
+    return report
+
+
+def _test_figures(lm, ds, probs, labels, result, ece, table, fig_root: Path) -> list[str]:
+    from . import plots
+
+    out = fig_root / (lm.meta.get("run") or lm.path.parent.name)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "confusion_matrix.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["true \\ predicted", *lm.classes])
+        for c, row in zip(lm.classes, result.confusion.tolist()):
+            w.writerow([c, *row])
+    preds = probs.argmax(dim=1)
+    # A fixed, class-balanced pick of test images, so the grid is comparable between checkpoints.
+    pick = torch.cat([(labels == c).nonzero().flatten()[:4] for c in range(len(lm.classes))])[:32]
+    paths = [
+        plots.confusion_matrix(result.confusion, lm.classes, out / "confusion_matrix.png",
+                               title=f"{lm.meta['model']}: confusion matrix, {result.accuracy:.2f}% test accuracy"),
+        plots.per_class_bars(result.per_class, lm.classes, out / "per_class_accuracy.png", result.accuracy,
+                             title=f"{lm.meta['model']}: per-class test accuracy"),
+        plots.prediction_grid(ds.test_images[pick], labels[pick], preds[pick], lm.classes, out / "test_predictions.png"),
+        plots.reliability_diagram(table, ece, out / "reliability.png"),
+        out / "confusion_matrix.csv",
+    ]
+    return [str(p) for p in paths]
+
+
+def print_test_report(r: dict) -> None:
+    print(f"checkpoint: {r['checkpoint']} ({r['model']}, epoch {r['epoch']}, run {r['run']})")
+    print(f"data: {r['data']}")
+    print(f"test accuracy: {r['accuracy']:.2f}% ({r['correct']}/{r['total']})   test loss: {r['loss']:.4f}")
+    if r["tta_accuracy"] is not None:
+        print(f"with TTA ({r['tta']}): {r['tta_accuracy']:.2f}%   test loss: {r['tta_loss']:.4f}   (without TTA: {r['accuracy']:.2f}%)")
+    print(f"expected calibration error: {r['ece']:.2f}%")
+    width = max(len(c) for c in r["classes"])
+    print("per-class accuracy:")
+    for c, a in r["per_class"].items():
+        print(f"  {c:<{width}}  {a:6.2f}%")
+    print("confusion matrix (rows: true class, columns: predicted):")
+    print(_confusion_text(torch.tensor(r["confusion"]), r["classes"]))
+    if r["figures"]:
+        print("figures: " + ", ".join(r["figures"]))
+
+
+def main_test(argv: list[str] | None = None) -> None:
+    args = test_parser().parse_args(argv)
+    try:
+        report = run_test(args)
+    except (CheckpointError, DataError, ValueError) as err:
+        _fail(str(err))
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print_test_report(report)
+
+
+# ---------------------------------------------------------------------------------------------------
+# test_with_checkpoints.py
+
+
+def checkpoints_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description="Evaluate every checkpoint given (files, run folders, or all of checkpoints/) and tabulate them.")
+    ap.add_argument("paths", nargs="*", help="checkpoint files or run folders (default: every run under --checkpoint-dir)")
+    ap.add_argument("--checkpoint-dir", default="checkpoints")
+    ap.add_argument("--log-dir", default="runs", help="where the runs' metrics.csv files are, for the per-epoch curves")
+    ap.add_argument("--data-dir", help="test data (default: each checkpoint's own)")
+    ap.add_argument("--download", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--sort", choices=("accuracy", "epoch", "name", "loss"), default="accuracy")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--amp", default="auto", help="auto, bf16, fp16 or off")
+    ap.add_argument("--batch-size", type=int, default=500)
+    ap.add_argument("--fig-dir", default="fig")
+    ap.add_argument("--json", action="store_true")
+    return ap
+
+
+def _collect(paths: list[str], checkpoint_dir: str) -> list[Path]:
+    if not paths:
+        root = Path(checkpoint_dir)
+        if not root.is_dir():
+            raise CheckpointError(f"no {root}/ folder; train first (make demo) or pass checkpoint paths")
+        paths = [str(p) for p in sorted(root.iterdir()) if p.is_dir()]
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(p.glob("*.safetensors"))
+        else:
+            files.append(p)  # missing or unreadable files get an error row of their own
+    if not files:
+        raise CheckpointError(f"no .safetensors checkpoints found in {', '.join(paths)}")
+    return files
+
+
+def run_checkpoints(args: argparse.Namespace) -> list[dict]:
+    tune_malloc()
+    device = resolve_device(args.device)
+    amp_dtype = resolve_amp(args.amp, device)
+    data = _DataCache(args.data_dir, args.download)
+    rows = []
+    for path in _collect(args.paths, args.checkpoint_dir):
+        row = {"checkpoint": str(path), "model": "?", "run": path.parent.name, "epoch": None, "accuracy": None, "loss": None, "error": None}
+        try:
+            lm = load_model(path, device)
+            row.update(model=lm.meta["model"], run=lm.meta.get("run", path.parent.name), epoch=lm.meta.get("epoch"))
+            ds, _ = data.get(lm)
+            loader = _test_loader(lm, ds.test_images, ds.test_labels, device, args.batch_size, amp_dtype)
+            result = metrics_from_probs(*predict_probs(lm.model, loader, "none", amp_dtype), len(lm.classes))
+            row.update(accuracy=round(result.accuracy, 4), loss=round(result.loss, 6))
+        except (CheckpointError, DataError, ValueError) as err:
+            row["error"] = str(err)
+        rows.append(row)
+    key = {
+        "accuracy": lambda r: -(r["accuracy"] if r["accuracy"] is not None else -1),
+        "loss": lambda r: r["loss"] if r["loss"] is not None else float("inf"),
+        "epoch": lambda r: (r["run"], r["epoch"] if r["epoch"] is not None else -1),
+        "name": lambda r: r["checkpoint"],
+    }[args.sort]
+    return sorted(rows, key=key)
+
+
+def _run_curves(log_dir: Path, runs: set[str]) -> dict[str, list[tuple[int, float]]]:
+    curves = {}
+    for run in runs:
+        f = log_dir / run / "metrics.csv"
+        if f.is_file():
+            with open(f) as fh:
+                curves[run] = [(int(r["epoch"]), float(r["test_acc"])) for r in csv.DictReader(fh)]
+    return curves
+
+
+def main_checkpoints(argv: list[str] | None = None) -> None:
+    args = checkpoints_parser().parse_args(argv)
+    try:
+        rows = run_checkpoints(args)
+    except (CheckpointError, DataError, ValueError) as err:
+        _fail(str(err))
+    good = [r for r in rows if r["error"] is None]
+    figure = None
+    if good:
+        from .plots import accuracy_by_epoch
+
+        runs: dict[str, list] = {}
+        for r in good:
+            if r["epoch"] is not None:
+                runs.setdefault(r["run"], []).append((r["epoch"], r["accuracy"]))
+        if runs:
+            figure = accuracy_by_epoch(runs, Path(args.fig_dir) / "checkpoints_accuracy.png", _run_curves(Path(args.log_dir), set(runs)))
+    if args.json:
+        print(json.dumps({"checkpoints": rows, "figure": str(figure) if figure else None}))
+    else:
+        width = max(len(r["checkpoint"]) for r in rows)
+        print(f"{'checkpoint':<{width}}  {'model':<17} {'epoch':>5}  {'accuracy':>8}  {'loss':>7}")
+        for r in rows:
+            if r["error"]:
+                print(f"{r['checkpoint']:<{width}}  error: {r['error']}")
+            else:
+                print(f"{r['checkpoint']:<{width}}  {r['model']:<17} {r['epoch'] if r['epoch'] is not None else '-':>5}  "
+                      f"{r['accuracy']:7.2f}%  {r['loss']:7.4f}")
+        if figure:
+            print(f"figure: {figure}")
+    if not good:
+        raise SystemExit(1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# predict.py
+
+
+def predict_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description="Classify images (files or folders, any size or mode) with a trained checkpoint.")
+    ap.add_argument("images", nargs="+", help="image files or folders of images")
+    ap.add_argument("--checkpoint", help="a .safetensors file, a run folder or run name (default: the newest run's best)")
+    ap.add_argument("--pretrained", help="a pretrained folder or Hugging Face Hub repo id (instead of --checkpoint)")
+    ap.add_argument("--checkpoint-dir", default="checkpoints")
+    ap.add_argument("--top-k", type=int, default=3)
+    ap.add_argument("--tta", choices=TTA_MODES, default="none")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--json", action="store_true")
+    return ap
+
+
+def load_image(path: Path) -> torch.Tensor:
+    """Any image -> uint8 3 x 32 x 32: RGB, shorter side resized to 32 (antialiased), centre crop."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("RGBA", "LA", "P"):
+            img = img.convert("RGBA")
+            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(background, img)  # transparent pixels become white, not black
+        img = img.convert("RGB")
+        img = ImageOps.fit(img, (32, 32), method=Image.Resampling.BICUBIC)
+        return torch.from_numpy(__import__("numpy").asarray(img).copy()).permute(2, 0, 1)
+
+
+def _image_files(specs: list[str]) -> list[Path]:
+    files = []
+    for s in map(Path, specs):
+        if s.is_dir():
+            files += sorted(p for p in s.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        else:
+            files.append(s)
+    return files
+
+
+def main_predict(argv: list[str] | None = None) -> None:
+    args = predict_parser().parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+        lm = load_model(_weights_path(args), device)
+    except (CheckpointError, ValueError) as err:
+        _fail(str(err))
+    tf = BatchAugment(None, lm.mean, lm.std)
+    from .inference import tta_views
+
+    k = max(1, min(args.top_k, len(lm.classes)))
+    results, failed = [], 0
+    for path in _image_files(args.images):
+        try:
+            x = load_image(path)
+        except Exception as err:  # unreadable, missing, not an image: report it and go on
+            failed += 1
+            print(f"error: cannot read {path} ({type(err).__name__}: {err})", file=sys.stderr)
+            continue
+        with torch.no_grad():
+            views = tta_views(tf(x[None]).to(device), args.tta)
+            probs = sum(lm.model(v).float().softmax(dim=1) for v in views)[0] / len(views)
+        top = probs.topk(k)
+        preds = [{"class": lm.classes[int(i)], "probability": round(float(p), 4)} for p, i in zip(top.values, top.indices)]
+        results.append({"image": str(path), "top": preds})
+        if not args.json:
+            print(f"{path}: " + ", ".join(f"{p['class']} {100 * p['probability']:.1f}%" for p in preds))
+    if args.json:
+        print(json.dumps({"checkpoint": str(lm.path), "predictions": results}))
+    if failed:
+        raise SystemExit(1)

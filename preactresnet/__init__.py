@@ -3,4 +3,11 @@
 from .models import count_params, create_model, list_models
 
 __version__ = "0.1.0"
-__all__ = ["count_params", "create_model", "list_models", "__version__"]
+__all__ = ["count_params", "create_model", "from_pretrained", "list_models", "__version__"]
+
+
+def from_pretrained(spec: str, device="cpu"):
+    """A pretrained model from a local folder or a Hugging Face Hub repo id (see preactresnet.hub)."""
+    from .hub import from_pretrained as _from_pretrained
+
+    return _from_pretrained(spec, device)

@@ -1,0 +1,120 @@
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+import preactresnet
+from preactresnet.checkpoint import CheckpointError, read_metadata, save_weights
+from preactresnet.cli import main_export
+from preactresnet.hub import export, load_pretrained_into
+from preactresnet.models import create_model
+from preactresnet.reports import main_test
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = {"num_classes": 10, "width_mult": 0.125, "drop_rate": 0.0, "zero_init_residual": False}
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+@pytest.fixture()
+def run_checkpoint(tmp_path):
+    torch.manual_seed(1)
+    model = create_model("preactresnet18", **ARGS).eval()
+    path = tmp_path / "checkpoints" / "demo" / "best.safetensors"
+    meta = {"model": "preactresnet18", "model_args": ARGS, "classes": CLASSES, "mean": [0.49, 0.48, 0.45],
+            "std": [0.245, 0.243, 0.261], "dataset": "cifar10", "data_dir": "sample", "run": "demo", "epoch": 4,
+            "test_accuracy": 54.1, "command": "python train.py --config configs/demo.yaml"}
+    save_weights(path, model.state_dict(), meta)
+    (path.parent / "config.yaml").write_text("model: preactresnet18\nepochs: 4\n")
+    return path, model
+
+
+def test_export_then_load_gives_identical_logits(run_checkpoint, tmp_path):
+    path, model = run_checkpoint
+    out = export(path, tmp_path / "pretrained" / "demo")
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    loaded = preactresnet.from_pretrained(str(out))
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    config = json.loads((out / "config.json").read_text())
+    assert config["test_accuracy"] == 54.1 and config["recipe"]["epochs"] == 4 and config["classes"] == CLASSES
+    card = (out / "README.md").read_text()
+    assert "**54.10%**" in card and "python train.py --config configs/demo.yaml" in card
+    assert loaded.pretrained_config["model"] == "preactresnet18"
+
+
+def test_export_command_and_test_py_with_pretrained(run_checkpoint, tmp_path, capsys):
+    path, _ = run_checkpoint
+    main_export(["--checkpoint", str(path), "--out", str(tmp_path / "pre")])
+    assert "exported" in capsys.readouterr().out
+    main_test(["--pretrained", str(tmp_path / "pre"), "--json", "--no-figures", "--amp", "off"])
+    r = json.loads(capsys.readouterr().out)
+    assert r["model"] == "preactresnet18" and r["total"] == 2000
+
+
+def test_strict_loading_rejects_a_mismatched_folder(run_checkpoint, tmp_path):
+    path, model = run_checkpoint
+    out = export(path, tmp_path / "pre")
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+    save_weights(out / "model.safetensors", state, read_metadata(out / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="missing keys"):
+        preactresnet.from_pretrained(str(out))
+
+
+def test_crafted_pickle_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(pickle.dumps({"w": Evil()}))
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError):
+        preactresnet.from_pretrained(str(folder))
+    torch.save({"w": Evil()}, folder / "model.safetensors", pickle_module=pickle)  # a torch zip pickle too
+    with pytest.raises(CheckpointError):
+        preactresnet.from_pretrained(str(folder))
+    assert not marker.exists()
+
+
+def test_repo_id_offline_is_one_line(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(**kwargs):
+        raise LocalEntryNotFoundError("Cannot reach https://huggingface.co: connection refused\nmore detail")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(CheckpointError) as err:
+        preactresnet.from_pretrained("someone/preactresnet18-cifar10")
+    assert "\n" not in str(err.value) and "local pretrained folder" in str(err.value)
+    with pytest.raises(CheckpointError, match="not a Hub repo id"):
+        preactresnet.from_pretrained("no/such/folder")
+
+
+def test_fine_tuning_start_and_model_check(run_checkpoint, tmp_path):
+    path, model = run_checkpoint
+    out = export(path, tmp_path / "pre")
+    fresh = create_model("preactresnet18", **{**ARGS, "num_classes": 100})
+    message = load_pretrained_into(fresh, "preactresnet18", str(out))
+    assert "new classifier head" in message
+    assert torch.equal(fresh.stem.weight, model.stem.weight)
+    with pytest.raises(CheckpointError, match="not resnext29_32x4d"):
+        load_pretrained_into(create_model("resnext29_32x4d", width_mult=0.125), "resnext29_32x4d", str(out))
+
+
+def test_torch_hub_load(run_checkpoint, tmp_path):
+    path, model = run_checkpoint
+    out = export(path, tmp_path / "pre")
+    m = torch.hub.load(str(ROOT), "resnext29_32x4d", source="local", width_mult=0.25)
+    assert m(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    p = torch.hub.load(str(ROOT), "preactresnet18", source="local", pretrained=str(out))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(p(x), model(x))

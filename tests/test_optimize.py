@@ -1,0 +1,89 @@
+import json
+import os
+
+import pytest
+import torch
+
+from preactresnet.config import parse_args
+from preactresnet.optimize import load_profile, main, measure, raise_priority, system_report, write_profile
+from preactresnet.training import Trainer
+
+CPU = torch.device("cpu")
+
+
+def test_report_on_cpu():
+    report, warnings = system_report()
+    for key in ("os", "python", "torch", "cpu", "cores", "ram_gib", "cpu_features", "free_disk_gib_data"):
+        assert key in report
+    if not torch.cuda.is_available():
+        assert any("no CUDA GPU" in w for w in warnings)
+
+
+@pytest.fixture()
+def rows():
+    return measure("preactresnet18", 8, CPU, quick=True, width_mult=0.125, out=lambda *a: None)
+
+
+def test_measure_times_every_candidate(rows):
+    assert {(r["amp"], r["channels_last"]) for r in rows} >= {("fp32", "off"), ("fp32", "on"), ("bf16", "on")}
+    base = [r for r in rows if r["amp"] == "fp32" and r["channels_last"] == "off" and r["threads"] == os.cpu_count()]
+    assert base[0]["speedup"] == 1.0 and all(r["images_per_sec"] > 0 for r in rows)
+
+
+def test_profile_round_trip_and_train_applies_it(rows, tmp_path):
+    path = tmp_path / "profile.json"
+    best = max(rows, key=lambda r: r["images_per_sec"])
+    profile = write_profile(path, CPU, "preactresnet18", 8, rows)
+    loaded = load_profile(str(path), "preactresnet18", CPU)
+    assert loaded["settings"]["channels_last"] == best["channels_last"] == profile["settings"]["channels_last"]
+    messages = []
+    cfg, explicit = parse_args(["--data-dir", "sample", "--width-mult", "0.125", "--batch-size", "32", "--profile", str(path),
+                                "--checkpoint-dir", str(tmp_path / "ck"), "--log-dir", str(tmp_path / "runs")])
+    t = Trainer(cfg, explicit, out=messages.append)
+    assert t.cfg.amp == profile["settings"]["amp"] and t.cfg.channels_last == best["channels_last"]
+    assert any("using system profile" in m for m in messages)
+    # An explicit flag wins over the profile.
+    cfg, explicit = parse_args(["--data-dir", "sample", "--width-mult", "0.125", "--profile", str(path), "--channels-last", "off"])
+    assert Trainer(cfg, explicit, out=lambda *a: None).channels_last is False
+
+
+def test_profile_from_another_machine_or_model_is_ignored(rows, tmp_path):
+    path = tmp_path / "profile.json"
+    write_profile(path, CPU, "preactresnet18", 8, rows)
+    warned = []
+    assert load_profile(str(path), "resnext29_8x64d", CPU, warn=warned.append) is None
+    assert "not resnext29_8x64d" in warned[-1]
+    data = json.loads(path.read_text())
+    data["machine"]["cpu"] = "Some Other CPU"
+    path.write_text(json.dumps(data))
+    assert load_profile(str(path), "preactresnet18", CPU, warn=warned.append) is None
+    assert "another machine" in warned[-1]
+    assert load_profile("off", "preactresnet18", CPU) is None
+
+
+def test_deterministic_wins_over_profile_compile(rows, tmp_path):
+    path = tmp_path / "profile.json"
+    profile = write_profile(path, CPU, "preactresnet18", 8, rows)
+    profile["settings"]["compile"] = True
+    path.write_text(json.dumps(profile))
+    cfg, explicit = parse_args(["--data-dir", "sample", "--width-mult", "0.125", "--profile", str(path), "--deterministic"])
+    assert Trainer(cfg, explicit, out=lambda *a: None).cfg.compile is False
+
+
+def test_priority_failure_is_a_warning(monkeypatch):
+    said = []
+
+    def refuse(n):
+        if n:
+            raise PermissionError("Operation not permitted")
+        return 0
+
+    monkeypatch.setattr(os, "nice", refuse)
+    assert raise_priority(out=said.append) is False
+    assert said[0].startswith("warning: could not raise process priority")
+
+
+def test_cli_quick_writes_profile(tmp_path, capsys):
+    main(["--quick", "--batch-size", "8", "--width-mult", "0.125", "--no-priority", "--profile", str(tmp_path / "p.json")])
+    out = capsys.readouterr().out
+    assert "| setting | images/s | speed-up vs fp32 NCHW |" in out and (tmp_path / "p.json").is_file()

@@ -31,7 +31,7 @@ from augment import PILDataset, torchvision_pipeline  # noqa: E402  (bench/augme
 
 from preactresnet.config import TrainConfig  # noqa: E402
 from preactresnet.models import create_model  # noqa: E402
-from preactresnet.training import Trainer, _StopFlag  # noqa: E402
+from preactresnet.training import Trainer, _NullWriter, _StopFlag  # noqa: E402
 
 
 def reference(ds, cfg: TrainConfig, steps: int, warmup: int, workers: int) -> float:
@@ -52,11 +52,6 @@ def reference(ds, cfg: TrainConfig, steps: int, warmup: int, workers: int) -> fl
         loss.backward()
         opt.step()
     return steps * cfg.batch_size / (time.perf_counter() - start)
-
-
-class _NullWriter:
-    def add_scalar(self, *args, **kwargs):
-        pass
 
 
 def trainer_path(cfg: TrainConfig, steps: int, warmup: int) -> tuple[float, str]:
@@ -83,11 +78,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--workers", type=int, default=os.cpu_count())
+    ap.add_argument("--amp", default="auto", help="the trainer's precision: auto, bf16 or off")
     args = ap.parse_args()
 
     cfg = TrainConfig(
         model=args.model, width_mult=args.width_mult, data_dir=args.data_dir, batch_size=args.batch_size,
-        epochs=1, progress=False, run_name="bench", checkpoint_dir="/tmp/preactresnet-bench",
+        epochs=1, progress=False, run_name="bench", checkpoint_dir="/tmp/preactresnet-bench", amp=args.amp,
     )
     from preactresnet.data import load_dataset
 

@@ -23,6 +23,7 @@ class TrainConfig:
     width_mult: float = 1.0  # channel multiplier: 0.25 gives a narrow net for CPU demos
     drop_rate: float = 0.0  # dropout before the classifier
     zero_init_residual: bool = False
+    pretrained: str = ""  # fine-tune from a pretrained folder or Hub repo id (export.py makes them)
     # data
     dataset: str = "cifar10"
     data_dir: str = "data"  # folder (downloads here), archive, image tree, or 'sample'
@@ -46,7 +47,9 @@ class TrainConfig:
     label_smoothing: float = 0.1
     # optimization
     epochs: int = 200
-    batch_size: int = 256  # per process
+    batch_size: int = 256  # per process: under torchrun the global batch is batch_size x processes
+    scale_lr: bool = False  # under torchrun, multiply lr, warmup_lr and min_lr by the number of processes
+    sync_bn: bool = False  # under torchrun, BatchNorm statistics over the global batch
     optimizer: str = "adagrad"  # adagrad | sgd (Nesterov momentum) | adamw
     lr: float = 0.05
     momentum: float = 0.9
@@ -63,6 +66,7 @@ class TrainConfig:
     channels_last: str = "auto"  # auto | on | off
     compile: bool = False
     threads: int = 0  # CPU threads for PyTorch; 0 = PyTorch's choice
+    profile: str = "auto"  # optimize_system.py's measured settings: auto (if made here) | off | PATH
     # reproducibility
     seed: int = 0
     deterministic: bool = False
@@ -134,7 +138,7 @@ class TrainConfig:
 
 
 # Settings a resumed run may change: they alter speed or output, never the numbers it computes.
-RESUMABLE_OVERRIDES = {"device", "threads", "progress", "log_interval", "resume", "compile", "data_dir", "download"}
+RESUMABLE_OVERRIDES = {"device", "threads", "progress", "log_interval", "resume", "compile", "data_dir", "download", "profile"}
 
 
 def _field_types() -> dict[str, type]:

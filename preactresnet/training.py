@@ -115,6 +115,19 @@ def use_channels_last(cfg: TrainConfig, device: torch.device, amp_dtype) -> bool
     return True
 
 
+class _NullWriter:
+    """Stands in for TensorBoard's SummaryWriter on ranks other than 0."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class _StopFlag:
     """First Ctrl-C: finish the current step, save, exit. Second Ctrl-C: stop at once."""
 
@@ -142,20 +155,33 @@ class _StopFlag:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, explicit: dict | None = None, out=print):
-        self.out = out
+    def __init__(self, cfg: TrainConfig, explicit: dict | None = None, out=print, command: str = ""):
+        from .distributed import init_distributed
+
+        self.command = command
+        self.dist = init_distributed(cfg.device)
+        self.out = out if self.dist.is_main else (lambda *a, **k: None)
         cfg, self.resume_state, resume_dir = resolve_resume(cfg, explicit or {})
         cfg.validate()
         self.cfg = cfg
+        if self.resume_state is None:  # a resumed run keeps the settings it was saved with
+            self._apply_profile(explicit or {})
         tune_malloc()
         seed_everything(cfg.seed)
         set_deterministic(cfg.deterministic)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        if self.dist.enabled and cfg.scale_lr:
+            # Linear scaling rule (Goyal et al. 2017): the global batch grew world_size times.
+            cfg.lr, cfg.warmup_lr, cfg.min_lr = (v * self.dist.world_size for v in (cfg.lr, cfg.warmup_lr, cfg.min_lr))
         self.amp_dtype = resolve_amp(cfg.amp, self.device)
         self.channels_last = use_channels_last(cfg, self.device, self.amp_dtype)
-        name = cfg.run_name or f"{cfg.model}-{datetime.now():%Y%m%d-%H%M%S}"
+        from .distributed import broadcast_object
+
+        name = cfg.run_name or broadcast_object(f"{cfg.model}-{datetime.now():%Y%m%d-%H%M%S}", self.dist)
         cfg.run_name = name
         self.dirs = RunDirs(name, Path(cfg.checkpoint_dir) / name, Path(cfg.log_dir) / name, Path(cfg.fig_dir) / name)
 
@@ -166,15 +192,17 @@ class Trainer:
         self.train_loader = TensorLoader(
             self.data.train_images, self.data.train_labels, cfg.batch_size,
             train=True, transform=train_tf, device=self.device, seed=cfg.seed,
+            rank=self.dist.rank, world_size=self.dist.world_size,
         )
         eval_batch = max(cfg.batch_size, 500)
+        shard = dict(rank=self.dist.rank, world_size=self.dist.world_size)
         self.test_loader = TensorLoader(
-            self.data.test_images, self.data.test_labels, eval_batch, train=False, transform=eval_tf, device=self.device
+            self.data.test_images, self.data.test_labels, eval_batch, train=False, transform=eval_tf, device=self.device, **shard
         )
         self.val_loader = None
         if self.data.val_images is not None:
             self.val_loader = TensorLoader(
-                self.data.val_images, self.data.val_labels, eval_batch, train=False, transform=eval_tf, device=self.device
+                self.data.val_images, self.data.val_labels, eval_batch, train=False, transform=eval_tf, device=self.device, **shard
             )
         self.steps_per_epoch = len(self.train_loader)
         if cfg.max_steps_per_epoch:
@@ -187,7 +215,15 @@ class Trainer:
             "zero_init_residual": cfg.zero_init_residual,
         }
         model = create_model(cfg.model, **self.model_args)
+        if cfg.pretrained and self.resume_state is None:
+            from .hub import load_pretrained_into
+
+            self.out(load_pretrained_into(model, cfg.model, cfg.pretrained))
         self.model = model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        if self.dist.enabled and cfg.sync_bn:
+            if self.device.type == "cpu":
+                raise ValueError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm has no CPU kernel; drop --sync-bn")
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.steps_per_epoch)
         self.mixup = build_mixup(cfg, self.data.num_classes)
@@ -197,13 +233,43 @@ class Trainer:
         self.criterion = SoftTargetCrossEntropy()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema else None
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.forward = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.dist.local_rank] if self.device.type == "cuda" else None
+            self.forward = DistributedDataParallel(self.model, device_ids=ids)  # broadcasts rank 0's weights
+            seed_everything(cfg.seed + self.dist.rank)  # different dropout masks on each rank
+        if cfg.compile:
+            self.forward = torch.compile(self.forward)
+        self.reduce = None
+        if self.dist.enabled:
+            from .distributed import all_reduce_sum
+
+            self.reduce = all_reduce_sum
 
         self.start_epoch, self.step, self.history = 0, 0, []
         self.best_metric, self.best_epoch = -1.0, -1
         self.resumed_mid_epoch = False
         if self.resume_state is not None:
             self._load_state(self.resume_state, resume_dir)
+
+    def _apply_profile(self, explicit: dict) -> None:
+        """optimize_system.py's measured winner, for every setting the user did not give explicitly."""
+        from .optimize import load_profile
+
+        profile = load_profile(self.cfg.profile, self.cfg.model, resolve_device(self.cfg.device), warn=self.out)
+        if profile is None:
+            return
+        applied = {k: v for k, v in profile["settings"].items() if k not in explicit}
+        if self.cfg.deterministic:
+            applied.pop("compile", None)  # --deterministic always wins over the profile
+        for key, value in applied.items():
+            setattr(self.cfg, key, value)
+        if profile.get("tf32") and not self.cfg.deterministic:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        self.out(f"using system profile {profile['path']} ({', '.join(f'{k}={v}' for k, v in applied.items()) or 'nothing new'}); "
+                 "--profile off ignores it")
 
     # -- state ------------------------------------------------------------------------------------
     def _weights_metadata(self, epoch: int, result: EvalResult | None, split: str) -> dict:
@@ -214,9 +280,13 @@ class Trainer:
             "mean": list(self.data.mean),
             "std": list(self.data.std),
             "dataset": self.cfg.dataset,
+            "data_dir": self.cfg.data_dir,
             "run": self.dirs.name,
             "epoch": epoch,
+            "data_description": f"{self.cfg.dataset} test split ({len(self.data.test_labels)} images from {self.data.source})",
         }
+        if self.command:
+            meta["command"] = self.command
         if result is not None:
             meta[f"{split}_accuracy"] = round(result.accuracy, 4)
         return meta
@@ -263,6 +333,8 @@ class Trainer:
 
     def save_last(self, epoch: int) -> None:
         """The training state first, then the weights: each file is replaced atomically."""
+        if not self.dist.is_main:
+            return
         save_state(self.dirs.checkpoints / "last.state.pt", self._state(epoch))
         last = self.history[-1] if self.history else {}
         meta = self._weights_metadata(epoch, None, "test")
@@ -283,13 +355,21 @@ class Trainer:
         )
         selection = "validation split" if self.val_loader is not None else "TEST set (no --val-size given)"
         self.out(f"best checkpoint chosen on the {selection}")
-        self.dirs.checkpoints.mkdir(parents=True, exist_ok=True)
-        (self.dirs.checkpoints / "config.yaml").write_text(_yaml(cfg.to_dict()))
-        from torch.utils.tensorboard import SummaryWriter
+        if self.dist.enabled:
+            self.out(f"distributed: {self.dist.world_size} processes, global batch {cfg.batch_size * self.dist.world_size}, lr {cfg.lr:g}")
         from tqdm.auto import tqdm
 
-        writer = SummaryWriter(str(self.dirs.logs), purge_step=self.step if self.step else None)
-        epochs = tqdm(range(self.start_epoch, cfg.epochs), desc="epochs", disable=not cfg.progress, initial=self.start_epoch, total=cfg.epochs)
+        show = cfg.progress and self.dist.is_main
+        if self.dist.is_main:  # only rank 0 writes logs, figures and checkpoints
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.dirs.checkpoints.mkdir(parents=True, exist_ok=True)
+            (self.dirs.checkpoints / "config.yaml").write_text(_yaml(cfg.to_dict()))
+            self._write_augmented_grid()
+            writer = SummaryWriter(str(self.dirs.logs), purge_step=self.step if self.step else None)
+        else:
+            writer = _NullWriter()
+        epochs = tqdm(range(self.start_epoch, cfg.epochs), desc="epochs", disable=not show, initial=self.start_epoch, total=cfg.epochs)
         final: EvalResult | None = None
         with _StopFlag() as stop:
             for epoch in epochs:
@@ -297,7 +377,7 @@ class Trainer:
                     self.train_loader.set_epoch(epoch)
                 self.resumed_mid_epoch = False
                 self.mixup.mixup_enabled = cfg.mixing and epoch < cfg.epochs - cfg.mix_off_epochs
-                train_loss, seconds, images = self._train_epoch(epoch, writer, stop, tqdm)
+                train_loss, seconds, images = self._train_epoch(epoch, writer, stop, tqdm, show)
                 if stop.stop:
                     self.save_last(epoch)
                     self.out(f"interrupted: saved {self.dirs.checkpoints}/last.state.pt; continue with "
@@ -310,16 +390,16 @@ class Trainer:
         writer.close()
         self._write_curves()
         if final is None:  # resumed a finished run
-            final = evaluate(self.model, self.test_loader, self.data.num_classes, self.amp_dtype)
+            final = evaluate(self.model, self.test_loader, self.data.num_classes, self.amp_dtype, self.reduce)
         return self._report(final)
 
-    def _train_epoch(self, epoch: int, writer, stop: _StopFlag, tqdm) -> tuple[float, float, int]:
+    def _train_epoch(self, epoch: int, writer, stop: _StopFlag, tqdm, show: bool = True) -> tuple[float, float, int]:
         cfg = self.cfg
         model, opt = self.forward, self.optimizer
         self.model.train()
         first_batch = self.train_loader.batch
         total = self.steps_per_epoch - first_batch
-        bar = tqdm(total=total, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not cfg.progress)
+        bar = tqdm(total=total, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not show)
         loss_sum = torch.zeros((), device=self.device)
         window = torch.zeros((), device=self.device)
         n, n_window = 0, 0
@@ -374,8 +454,9 @@ class Trainer:
 
     def _end_epoch(self, epoch: int, train_loss: float, seconds: float, images: int, writer) -> EvalResult:
         cfg, classes = self.cfg, self.data.classes
-        test = evaluate(self.model, self.test_loader, self.data.num_classes, self.amp_dtype)
-        val = evaluate(self.model, self.val_loader, self.data.num_classes, self.amp_dtype) if self.val_loader else None
+        k, amp, reduce = self.data.num_classes, self.amp_dtype, self.reduce
+        test = evaluate(self.model, self.test_loader, k, amp, reduce)
+        val = evaluate(self.model, self.val_loader, k, amp, reduce) if self.val_loader else None
         row = {
             "epoch": epoch + 1,
             "step": self.step,
@@ -399,19 +480,21 @@ class Trainer:
             writer.add_scalar("val/loss", val.loss, self.step)
             writer.add_scalar("val/accuracy", val.accuracy, self.step)
         if self.ema is not None:
-            ema = evaluate(self.ema.module, self.test_loader, self.data.num_classes, self.amp_dtype)
+            ema = evaluate(self.ema.module, self.test_loader, k, amp, reduce)
             row["ema_test_acc"] = round(ema.accuracy, 4)
             writer.add_scalar("test/ema_accuracy", ema.accuracy, self.step)
         writer.flush()
         self.history.append(row)
-        self._write_csv()
+        if self.dist.is_main:
+            self._write_csv()
 
         chosen, split = (val, "val") if val is not None else (test, "test")
         if chosen.accuracy > self.best_metric:
             self.best_metric, self.best_epoch = chosen.accuracy, epoch + 1
             meta = self._weights_metadata(epoch + 1, chosen, split)
             meta["test_accuracy"] = round(test.accuracy, 4)
-            save_weights(self.dirs.checkpoints / "best.safetensors", unwrap_model(self.model).state_dict(), meta)
+            if self.dist.is_main:
+                save_weights(self.dirs.checkpoints / "best.safetensors", unwrap_model(self.model).state_dict(), meta)
         self.train_loader.set_epoch(epoch + 1)  # the state saved is "start of the next epoch"
         self.save_last(epoch + 1)
         extra = f", val {val.accuracy:.2f}%" if val is not None else ""
@@ -430,8 +513,34 @@ class Trainer:
             w.writeheader()
             w.writerows(self.history)
 
+    def _write_augmented_grid(self) -> Path:
+        """What the model sees, drawn without touching any RNG the training run uses."""
+        import numpy as np
+
+        from .plots import augmented_grid
+
+        np_state = np.random.get_state()  # timm's Mixup draws from numpy's global RNG
+        mix_prob = self.mixup.mix_prob
+        try:
+            n = min(32, len(self.train_loader.labels)) // 2 * 2  # Mixup pairs images: an even count
+            pick = torch.randperm(len(self.train_loader.labels), generator=torch.Generator().manual_seed(self.cfg.seed))[:n]
+            pick = pick.to(self.device)
+            g = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 12345)
+            x = self.train_loader.transform(self.train_loader.images[pick], g)
+            self.mixup.mix_prob = 1.0  # show the mixing itself, which the run applies to mix_prob of its batches
+            x, target = self.mixup(x, self.train_loader.labels[pick])
+        finally:
+            self.mixup.mix_prob = mix_prob
+            np.random.set_state(np_state)
+        mean = torch.tensor(self.data.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.data.std, device=x.device).view(1, 3, 1, 1)
+        title = "Augmented training images with their targets" + (
+            f" (MixUp/CutMix shown; the run mixes {100 * mix_prob:.0f}% of batches)" if self.cfg.mixing else ""
+        )
+        return augmented_grid(x.float() * std + mean, target, self.data.classes, self.dirs.figures / "augmented_batch.png", title)
+
     def _write_curves(self) -> Path | None:
-        if not self.history:
+        if not self.history or not self.dist.is_main:
             return None
         from .plots import training_curves
 
@@ -463,5 +572,5 @@ def _yaml(values: dict) -> str:
     return yaml.safe_dump(values, sort_keys=False)
 
 
-def train(cfg: TrainConfig, explicit: dict | None = None, out=print) -> dict:
-    return Trainer(cfg, explicit, out=out).fit()
+def train(cfg: TrainConfig, explicit: dict | None = None, out=print, command: str = "") -> dict:
+    return Trainer(cfg, explicit, out=out, command=command).fit()

@@ -34,8 +34,8 @@ from preactresnet.models import create_model  # noqa: E402
 from preactresnet.training import Trainer, _NullWriter, _StopFlag  # noqa: E402
 
 
-def reference(ds, cfg: TrainConfig, steps: int, warmup: int, workers: int) -> float:
-    model = create_model(cfg.model, num_classes=ds.num_classes, width_mult=cfg.width_mult)
+def reference(ds, cfg: TrainConfig, steps: int, warmup: int, workers: int, device: torch.device) -> float:
+    model = create_model(cfg.model, num_classes=ds.num_classes, width_mult=cfg.width_mult).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     n = (steps + warmup + 1) * cfg.batch_size
     data = PILDataset(ds.train_images[:n], ds.train_labels[:n], torchvision_pipeline(cfg.augment(), ds.mean, ds.std))
@@ -44,14 +44,22 @@ def reference(ds, cfg: TrainConfig, steps: int, warmup: int, workers: int) -> fl
     start = None
     for i, (x, y) in enumerate(loader):
         if i == warmup:
+            _sync(device)
             start = time.perf_counter()
         if i == warmup + steps:
             break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
+    _sync(device)
     return steps * cfg.batch_size / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def trainer_path(cfg: TrainConfig, steps: int, warmup: int) -> tuple[float, str]:
@@ -79,11 +87,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--amp", default="auto", help="the trainer's precision: auto, bf16 or off")
+    ap.add_argument("--device", default="auto")
     args = ap.parse_args()
 
     cfg = TrainConfig(
         model=args.model, width_mult=args.width_mult, data_dir=args.data_dir, batch_size=args.batch_size,
         epochs=1, progress=False, run_name="bench", checkpoint_dir="/tmp/preactresnet-bench", amp=args.amp,
+        device=args.device, profile="off",
     )
     from preactresnet.data import load_dataset
 
@@ -91,7 +101,9 @@ def main() -> None:
     print(f"{cfg.model} (width x{cfg.width_mult}), batch {cfg.batch_size}, {args.steps} timed steps after "
           f"{args.warmup} warm-up; {torch.get_num_threads()} threads; {ds.summary()}")
     ours, how = trainer_path(cfg, args.steps, args.warmup)
-    ref = reference(ds, cfg, args.steps, args.warmup, args.workers)
+    from preactresnet.system import resolve_device
+
+    ref = reference(ds, cfg, args.steps, args.warmup, args.workers, resolve_device(args.device))
     print(f"reference loop (fp32, NCHW, DataLoader x{args.workers} + PIL) : {ref:8.1f} images/s")
     print(f"preactresnet Trainer ({how}) : {ours:8.1f} images/s  ({ours / ref:.2f}x)")
 

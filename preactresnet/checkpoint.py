@@ -41,22 +41,27 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+def atomic_write(path: str | Path, write) -> Path:
+    """Call write(tmp) on a temporary file beside `path`, then move it into place in one step.
+
+    A crash or kill at any moment leaves either the old file or the new one, never half of either.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict) -> None:
     """Write weights as safetensors with JSON-encoded metadata, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     meta = {"format": WEIGHTS_FORMAT, **{k: json.dumps(v) for k, v in metadata.items()}}
-    tmp = _tmp(path)
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def read_metadata(path: str | Path) -> dict:
@@ -83,14 +88,7 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def save_state(path: str | Path, state: dict) -> None:
     """torch.save the training state atomically (tensors and plain Python values only)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_state(path: str | Path) -> dict:

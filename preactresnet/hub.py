@@ -10,13 +10,12 @@ Loading is strict: a missing or unexpected tensor is an error, never silently ig
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointError, load_weights, save_weights
+from .checkpoint import CheckpointError, atomic_write, load_weights, save_weights
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -107,9 +106,7 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:

@@ -214,10 +214,9 @@ def write_profile(path: Path, device: torch.device, model: str, batch: int, rows
         "cudnn_benchmark": bool(best.get("cudnn_benchmark", False)),
         "measured": rows,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(profile, indent=2) + "\n")
-    os.replace(tmp, path)
+    from .checkpoint import atomic_write
+
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(profile, indent=2) + "\n"))
     return profile
 
 
@@ -317,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
           + (" [--quick: a narrower net and fewer steps stand in for the full run]" if width != 1.0 or batch != args.batch_size else ""))
     rows = measure(model, batch, device, args.quick, width)
     profile = write_profile(Path(args.profile), device, model, args.batch_size, rows)
-    print(f"\n| setting | images/s | speed-up vs fp32 NCHW |\n|---|---:|---:|")
+    print("\n| setting | images/s | speed-up vs fp32 NCHW |\n|---|---:|---:|")
     for r in sorted(rows, key=lambda r: -r["images_per_sec"]):
         print(f"| {describe(r)} | {r['images_per_sec']:.1f} | {r['speedup']:.2f}x |")
     best = max(rows, key=lambda r: r["images_per_sec"])

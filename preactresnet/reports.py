@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, read_metadata
+from .checkpoint import CheckpointError
 from .data import BatchAugment, DataError, TensorLoader, load_dataset
 from .data.sources import IMAGE_EXTENSIONS
 from .inference import TTA_MODES, LoadedModel, calibration, load_model, metrics_from_probs, predict_probs, resolve_checkpoint

@@ -377,6 +377,7 @@ class Trainer:
                     self.train_loader.set_epoch(epoch)
                 self.resumed_mid_epoch = False
                 self.mixup.mixup_enabled = cfg.mixing and epoch < cfg.epochs - cfg.mix_off_epochs
+                epoch_start = time.perf_counter()
                 train_loss, seconds, images = self._train_epoch(epoch, writer, stop, tqdm, show)
                 if stop.stop:
                     self.save_last(epoch)
@@ -385,7 +386,7 @@ class Trainer:
                     self._write_curves()
                     writer.close()
                     raise KeyboardInterrupt
-                final = self._end_epoch(epoch, train_loss, seconds, images, writer)
+                final = self._end_epoch(epoch, train_loss, seconds, images, writer, epoch_start)
                 epochs.set_postfix(test_acc=f"{final.accuracy:.2f}")
         writer.close()
         self._write_curves()
@@ -452,7 +453,7 @@ class Trainer:
                 f"so {self.dirs.checkpoints}/last.* still holds the last good epoch. Lower --lr or set --grad-clip"
             )
 
-    def _end_epoch(self, epoch: int, train_loss: float, seconds: float, images: int, writer) -> EvalResult:
+    def _end_epoch(self, epoch: int, train_loss: float, seconds: float, images: int, writer, epoch_start: float) -> EvalResult:
         cfg, classes = self.cfg, self.data.classes
         k, amp, reduce = self.data.num_classes, self.amp_dtype, self.reduce
         test = evaluate(self.model, self.test_loader, k, amp, reduce)
@@ -466,6 +467,9 @@ class Trainer:
             "test_acc": round(test.accuracy, 4),
             "images_per_sec": round(images / max(seconds, 1e-9), 1),
             "epoch_seconds": round(seconds, 2),
+            # wall time since the run began, evaluation included: what "time to accuracy" means
+            "elapsed_seconds": round((self.history[-1]["elapsed_seconds"] if self.history else 0.0)
+                                     + time.perf_counter() - epoch_start, 2),
         }
         writer.add_scalar("train/epoch_loss", train_loss, self.step)
         writer.add_scalar("train/lr", row["lr"], self.step)

@@ -27,6 +27,15 @@ def shared_archive() -> Path:
 
 
 @pytest.fixture(scope="session")
+def shared_cache(shared_archive, tmp_path_factory):
+    """The real archive decoded once per session: (cache folder, dataset)."""
+    from preactresnet.data import load_dataset
+
+    cache = tmp_path_factory.mktemp("shared-cache")
+    return cache, load_dataset("cifar10", shared_archive, cache_dir=cache)
+
+
+@pytest.fixture(scope="session")
 def sample_dataset(tmp_path_factory):
     """The bundled sample (real CIFAR-10 images), loaded once through the normal path."""
     from preactresnet.data import load_dataset

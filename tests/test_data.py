@@ -1,7 +1,6 @@
 import os
 import pickle
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +14,8 @@ from preactresnet.data import sources
 
 # --- real data -----------------------------------------------------------------------------------
 
-def test_shared_archive_full_cifar10(shared_archive, tmp_path, monkeypatch):
-    ds = load_dataset("cifar10", shared_archive, cache_dir=tmp_path)
+def test_shared_archive_full_cifar10(shared_archive, shared_cache, monkeypatch):
+    cache, ds = shared_cache
     assert ds.train_images.shape == (50_000, 3, 32, 32) and ds.train_images.dtype == torch.uint8
     assert ds.test_images.shape == (10_000, 3, 32, 32)
     assert torch.bincount(ds.train_labels).tolist() == [5000] * 10
@@ -28,14 +27,15 @@ def test_shared_archive_full_cifar10(shared_archive, tmp_path, monkeypatch):
 
     # The second load comes from the cache: decoding is never reached.
     monkeypatch.setattr(cache_mod, "read_source", lambda *a: pytest.fail("cache missed"))
-    again = load_dataset("cifar10", shared_archive, cache_dir=tmp_path)
+    again = load_dataset("cifar10", shared_archive, cache_dir=cache)
     assert torch.equal(again.train_images, ds.train_images) and torch.equal(again.test_labels, ds.test_labels)
 
 
-def test_cache_matches_direct_decode(shared_archive, tmp_path):
+def test_cache_matches_direct_decode(shared_archive, shared_cache):
     from PIL import Image
 
-    ds = load_dataset("cifar10", shared_archive, cache_dir=tmp_path)
+    cache, _ = shared_cache
+    ds = load_dataset("cifar10", shared_archive, cache_dir=cache)  # from the cache file this time
     with tarfile.open(shared_archive) as tar:
         for name, split, index in (("train/cat/0000.jpg", "train", 3 * 5000), ("test/truck/0999.jpg", "test", 9999)):
             member = next(m for m in tar.getmembers() if m.name.endswith(name))

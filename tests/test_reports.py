@@ -12,9 +12,9 @@ from preactresnet.reports import main_checkpoints, main_predict, main_test
 ARGS = {"num_classes": 10, "width_mult": 0.125, "drop_rate": 0.0, "zero_init_residual": False}
 
 
-@pytest.fixture()
-def checkpoint(tmp_path, sample_dataset):
-    """A small model, briefly fitted so its predictions are not constant, saved as train.py saves it."""
+@pytest.fixture(scope="session")
+def fitted(sample_dataset):
+    """A small model, briefly fitted so its predictions are not constant (built once per session)."""
     torch.manual_seed(0)
     model = create_model("preactresnet18", **ARGS)
     ds = sample_dataset
@@ -35,10 +35,17 @@ def checkpoint(tmp_path, sample_dataset):
             m.momentum = None
     with torch.no_grad():
         model((ds.train_images[order[:1000]].float() / 255 - mean) / std)
+    return model.state_dict()
+
+
+@pytest.fixture()
+def checkpoint(tmp_path, sample_dataset, fitted):
+    """The fitted model saved as train.py saves it, in a fresh run folder for each test."""
+    ds = sample_dataset
     meta = {"model": "preactresnet18", "model_args": ARGS, "classes": ds.classes, "mean": list(ds.mean),
             "std": list(ds.std), "dataset": "cifar10", "data_dir": "sample", "run": "tiny", "epoch": 3}
     path = tmp_path / "ck" / "tiny" / "best.safetensors"
-    save_weights(path, model.state_dict(), meta)
+    save_weights(path, fitted, meta)
     return path
 
 

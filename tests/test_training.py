@@ -51,20 +51,24 @@ def _weights(path):
     return load_file(path)
 
 
+def interrupt_at(t, step):
+    """Send a real SIGINT (Ctrl-C) right after optimizer step `step` of trainer `t`."""
+    original = t.scheduler.step_update
+
+    def step_update(num_updates, metric=None):
+        original(num_updates=num_updates)
+        if num_updates == step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    t.scheduler.step_update = step_update
+
+
 def test_resume_is_exact(tmp_path):
     common = ["--epochs", "2", "--max-steps-per-epoch", "3", "--deterministic", "--ema", "--drop-rate", "0.2"]
     trainer(tmp_path, *common, "--run-name", "straight").fit()
     a = trainer(tmp_path, *common, "--run-name", "split")
-    a.cfg.epochs = 2
     # Stop after epoch 1 by interrupting at its last step: the run saves and raises KeyboardInterrupt.
-    original = a.scheduler.step_update
-
-    def interrupt_after_epoch_one(num_updates, metric=None):
-        original(num_updates=num_updates)
-        if num_updates == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    a.scheduler.step_update = interrupt_after_epoch_one
+    interrupt_at(a, 3)
     with pytest.raises(KeyboardInterrupt):
         a.fit()
     trainer(tmp_path, "--resume", str(tmp_path / "ck" / "split")).fit()
@@ -84,14 +88,7 @@ def test_interrupt_mid_epoch_resumes_exactly(tmp_path):
     common = ["--epochs", "1", "--max-steps-per-epoch", "5", "--deterministic"]
     trainer(tmp_path, *common, "--run-name", "straight").fit()
     a = trainer(tmp_path, *common, "--run-name", "cut")
-    original = a.scheduler.step_update
-
-    def interrupt(num_updates, metric=None):
-        original(num_updates=num_updates)
-        if num_updates == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    a.scheduler.step_update = interrupt
+    interrupt_at(a, 2)
     with pytest.raises(KeyboardInterrupt):
         a.fit()
     state = load_state(tmp_path / "ck" / "cut" / "last.state.pt")

@@ -13,6 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..checkpoint import atomic_write
 from .sources import DataError, RawDataset, Source, download_official, read_source, resolve_source
 
 CACHE_VERSION = "1"
@@ -75,12 +76,6 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
         h.update(key.encode())
         h.update(tensors[key].contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
 
 
 def _read_cache(path: Path, fingerprint: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
@@ -151,8 +146,7 @@ def load_dataset(
             "source": str(source.path),
         }
         try:
-            Path(cache_dir).mkdir(parents=True, exist_ok=True)
-            _atomic_save(tensors, meta, cache_path)
+            atomic_write(cache_path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
         except OSError as err:
             print(f"warning: could not write the data cache {cache_path} ({err}); continuing without it", file=sys.stderr)
     else:

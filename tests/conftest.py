@@ -90,3 +90,11 @@ def png_bytes(img: torch.Tensor) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img.permute(1, 2, 0).numpy()).save(buf, format="PNG")
     return buf.getvalue()
+
+
+@pytest.fixture(autouse=True)
+def no_system_profile(monkeypatch, tmp_path_factory):
+    """Tests never pick up a profile that optimize_system.py wrote on this machine."""
+    import preactresnet.optimize as optimize
+
+    monkeypatch.setattr(optimize, "PROFILE_PATH", tmp_path_factory.getbasetemp() / "no-profile" / "profile.json")

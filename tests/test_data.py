@@ -173,3 +173,18 @@ def test_validation_split_is_balanced_and_disjoint(sample_dataset):
     assert not any(bytes(x.numpy().tobytes()) in train_set for x in ds.val_images)
     with pytest.raises(DataError, match="--val-size"):
         split_validation(copy.copy(sample_dataset), 5)
+
+
+def test_cifar100_official_layout(small_real, tmp_path):
+    tx, ty, vx, vy, _ = small_real
+    d = tmp_path / "cifar-100-python"
+    d.mkdir()
+    names = [f"class{i:02d}" for i in range(100)]
+    fine_train, fine_test = (ty * 7) % 100, (vy * 7) % 100
+    (d / "train").write_bytes(pickle.dumps({b"data": tx.reshape(len(ty), -1).numpy(), b"fine_labels": fine_train.tolist()}, protocol=2))
+    (d / "test").write_bytes(pickle.dumps({b"data": vx.reshape(len(vy), -1).numpy(), b"fine_labels": fine_test.tolist()}, protocol=2))
+    (d / "meta").write_bytes(pickle.dumps({b"fine_label_names": [n.encode() for n in names]}, protocol=2))
+    ds = load_dataset("cifar100", tmp_path, cache_dir=tmp_path / "cache")
+    assert ds.classes == names and torch.equal(ds.train_labels, fine_train) and torch.equal(ds.test_images, vx)
+    with pytest.raises(DataError, match="unknown dataset"):
+        load_dataset("mnist", tmp_path)

@@ -69,10 +69,10 @@ def trainer_path(cfg: TrainConfig, steps: int, warmup: int) -> tuple[float, str]
     stop = _StopFlag()
     t.steps_per_epoch = warmup
     t.train_loader.set_epoch(0)
-    t._train_epoch(0, _NullWriter(), stop, tqdm)  # warm-up: first-touch allocations, oneDNN kernel choice
+    t._train_epoch(0, _NullWriter(), stop, tqdm, show=False)  # warm-up: first-touch allocations, oneDNN kernel choice
     t.steps_per_epoch = steps
     t.train_loader.set_epoch(1)
-    _, seconds, images = t._train_epoch(1, _NullWriter(), stop, tqdm)
+    _, seconds, images = t._train_epoch(1, _NullWriter(), stop, tqdm, show=False)
     how = f"{t.amp_dtype or torch.float32}, channels_last={t.channels_last}, device={t.device}"
     return images / seconds, how
 

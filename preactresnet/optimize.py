@@ -78,7 +78,7 @@ def system_report(data_dir: str = "data", checkpoint_dir: str = "checkpoints") -
         if free < 2:
             warnings.append(f"only {free:.1f} GiB free where {name} go ({folder}); CIFAR-10 and checkpoints need about 2 GiB")
     if not report["gpus"]:
-        warnings.append("no CUDA GPU: training runs on the CPU, hours per epoch at full width (the demo uses width 0.25)")
+        warnings.append("no CUDA GPU: training runs on the CPU, tens of minutes or more per epoch at full width (the demo uses width 0.25)")
     if not cpu_has_bf16():
         warnings.append("this CPU has no AVX512-BF16/AMX: bf16 autocast is emulated and slow here, fp32 is used")
     if (report["cores_usable"] or 1) < 4:

@@ -26,7 +26,7 @@ def training_curves(history: list[dict], path: str | Path, title: str = "") -> P
     epochs = [r["epoch"] for r in history]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     ax = axes[0]
-    ax.plot(epochs, [r["train_loss"] for r in history], label="train (with mixing)")
+    ax.plot(epochs, [r["train_loss"] for r in history], label="train (augmented batches)")
     ax.plot(epochs, [r["test_loss"] for r in history], label="test")
     if "val_loss" in history[0]:
         ax.plot(epochs, [r["val_loss"] for r in history], label="validation")

@@ -64,16 +64,16 @@ def resolve_resume(cfg: TrainConfig, explicit: dict) -> tuple[TrainConfig, dict 
     return saved, state, run_dir
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: TrainConfig, model: nn.Module, lr_scale: float = 1) -> torch.optim.Optimizer:
     from timm.optim import create_optimizer_v2
 
     # timm puts BN parameters and biases in a group without weight decay; its 'sgd' is Nesterov SGD.
     return create_optimizer_v2(
-        model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, filter_bias_and_bn=True
+        model, opt=cfg.optimizer, lr=cfg.lr * lr_scale, weight_decay=cfg.weight_decay, momentum=cfg.momentum, filter_bias_and_bn=True
     )
 
 
-def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, lr_scale: float = 1):
     """Linear warmup from warmup_lr to lr, then cosine to min_lr, both counted in steps."""
     from timm.scheduler import CosineLRScheduler
 
@@ -82,9 +82,9 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_pe
     return CosineLRScheduler(
         optimizer,
         t_initial=max(1, total - warmup),
-        lr_min=cfg.min_lr,
+        lr_min=cfg.min_lr * lr_scale,
         warmup_t=warmup,
-        warmup_lr_init=cfg.warmup_lr,
+        warmup_lr_init=cfg.warmup_lr * lr_scale,
         warmup_prefix=True,
         t_in_epochs=False,
     )
@@ -174,9 +174,9 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
-        if self.dist.enabled and cfg.scale_lr:
-            # Linear scaling rule (Goyal et al. 2017): the global batch grew world_size times.
-            cfg.lr, cfg.warmup_lr, cfg.min_lr = (v * self.dist.world_size for v in (cfg.lr, cfg.warmup_lr, cfg.min_lr))
+        # Linear scaling rule (Goyal et al. 2017): the global batch grew world_size times. The config
+        # keeps the unscaled values, so a resume under another world size scales afresh.
+        self.lr_scale = self.dist.world_size if self.dist.enabled and cfg.scale_lr else 1
         self.amp_dtype = resolve_amp(cfg.amp, self.device)
         self.channels_last = use_channels_last(cfg, self.device, self.amp_dtype)
         from .distributed import broadcast_object
@@ -224,8 +224,8 @@ class Trainer:
             if self.device.type == "cpu":
                 raise ValueError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm has no CPU kernel; drop --sync-bn")
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self.optimizer = build_optimizer(cfg, self.model)
-        self.scheduler = build_scheduler(cfg, self.optimizer, self.steps_per_epoch)
+        self.optimizer = build_optimizer(cfg, self.model, self.lr_scale)
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.steps_per_epoch, self.lr_scale)
         self.mixup = build_mixup(cfg, self.data.num_classes)
         from timm.loss import SoftTargetCrossEntropy
         from timm.utils import ModelEmaV3
@@ -356,7 +356,8 @@ class Trainer:
         selection = "validation split" if self.val_loader is not None else "TEST set (no --val-size given)"
         self.out(f"best checkpoint chosen on the {selection}")
         if self.dist.enabled:
-            self.out(f"distributed: {self.dist.world_size} processes, global batch {cfg.batch_size * self.dist.world_size}, lr {cfg.lr:g}")
+            self.out(f"distributed: {self.dist.world_size} processes, global batch {cfg.batch_size * self.dist.world_size}, "
+                     f"lr {cfg.lr * self.lr_scale:g}")
         from tqdm.auto import tqdm
 
         show = cfg.progress and self.dist.is_main

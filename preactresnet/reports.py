@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .checkpoint import CheckpointError
@@ -75,16 +76,21 @@ def test_parser() -> argparse.ArgumentParser:
     ap.add_argument("--pretrained", help="a pretrained folder or Hugging Face Hub repo id (instead of --checkpoint)")
     ap.add_argument("--checkpoint-dir", default="checkpoints")
     ap.add_argument("--data-dir", help="test data (default: the data the checkpoint was trained on)")
-    ap.add_argument("--download", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time augmentation; the plain figure is always printed too")
     ap.add_argument("--ema", action="store_true", help="use the run's EMA weights (ema.safetensors)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+    _add_eval_args(ap)
+    ap.add_argument("--no-figures", action="store_true")
+    return ap
+
+
+def _add_eval_args(ap: argparse.ArgumentParser) -> None:
+    """Settings test.py and test_with_checkpoints.py share."""
+    ap.add_argument("--download", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--amp", default="auto", help="auto, bf16, fp16 or off")
     ap.add_argument("--batch-size", type=int, default=500)
     ap.add_argument("--fig-dir", default="fig")
-    ap.add_argument("--no-figures", action="store_true")
-    return ap
 
 
 def run_test(args: argparse.Namespace) -> dict:
@@ -189,13 +195,9 @@ def checkpoints_parser() -> argparse.ArgumentParser:
     ap.add_argument("--checkpoint-dir", default="checkpoints")
     ap.add_argument("--log-dir", default="runs", help="where the runs' metrics.csv files are, for the per-epoch curves")
     ap.add_argument("--data-dir", help="test data (default: each checkpoint's own)")
-    ap.add_argument("--download", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--sort", choices=("accuracy", "epoch", "name", "loss"), default="accuracy")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--amp", default="auto", help="auto, bf16, fp16 or off")
-    ap.add_argument("--batch-size", type=int, default=500)
-    ap.add_argument("--fig-dir", default="fig")
     ap.add_argument("--json", action="store_true")
+    _add_eval_args(ap)
     return ap
 
 
@@ -316,7 +318,7 @@ def load_image(path: Path) -> torch.Tensor:
             img = Image.alpha_composite(background, img)  # transparent pixels become white, not black
         img = img.convert("RGB")
         img = ImageOps.fit(img, (32, 32), method=Image.Resampling.BICUBIC)
-        return torch.from_numpy(__import__("numpy").asarray(img).copy()).permute(2, 0, 1)
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
 
 
 def _image_files(specs: list[str]) -> list[Path]:

@@ -13,7 +13,9 @@ import yaml
 
 from .data.augment import AugmentConfig
 
-OPTIMIZERS = ("adagrad", "sgd", "adamw")
+OPTIMIZERS = ("adagrad", "sgd", "adamw", "muon")
+SCHEDULES = ("cosine", "linear")
+TTA_CHOICES = ("none", "flip", "flip-translate")
 
 
 @dataclass
@@ -23,6 +25,7 @@ class TrainConfig:
     width_mult: float = 1.0  # channel multiplier: 0.25 gives a narrow net for CPU demos
     drop_rate: float = 0.0  # dropout before the classifier
     zero_init_residual: bool = False
+    whiten_stem: bool = False  # initialise the first conv by patch whitening of the training images
     pretrained: str = ""  # fine-tune from a pretrained folder or Hub repo id (export.py makes them)
     # data
     dataset: str = "cifar10"
@@ -32,6 +35,7 @@ class TrainConfig:
     # augmentation (per sample, batched on the training device)
     crop_padding: int = 4
     flip_prob: float = 0.5
+    alt_flip: bool = False  # derandomized flip: each image mirrored on alternate epochs (flip_prob unused)
     jitter_prob: float = 0.8
     brightness: float = 0.2
     contrast: float = 0.2
@@ -54,12 +58,16 @@ class TrainConfig:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4  # never applied to BN parameters and biases
+    bn_lr_scale: float = 1.0  # learning-rate multiplier for BN parameters and biases
     warmup_epochs: float = 5.0
     warmup_lr: float = 1e-5  # learning rate at step 0, rising linearly to lr
-    min_lr: float = 0.0  # end of the cosine
+    schedule: str = "cosine"  # after warmup: cosine | linear decay to min_lr
+    min_lr: float = 0.0  # end of the decay
     grad_clip: float = 0.0  # max global gradient norm; 0 = off
     ema: bool = False
     ema_decay: float = 0.999
+    ema_warmup: bool = False  # EMA decay grows as 1 - (1 + step)^(-2/3) up to ema_decay: suits short runs
+    tta: str = "flip"  # test-time augmentation reported beside the plain figure at the end: none | flip | flip-translate
     # speed
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto"  # auto | bf16 | fp16 | off
@@ -115,6 +123,9 @@ class TrainConfig:
             (0 <= self.mix_prob <= 1 and 0 <= self.mix_switch_prob <= 1, "--mix-prob and --mix-switch-prob must be in [0, 1]"),
             (self.grad_clip >= 0, f"--grad-clip must be >= 0, got {self.grad_clip}"),
             (0 < self.ema_decay < 1, f"--ema-decay must be in (0, 1), got {self.ema_decay}"),
+            (self.schedule in SCHEDULES, f"unknown --schedule '{self.schedule}'; choose one of: {', '.join(SCHEDULES)}"),
+            (self.tta in TTA_CHOICES, f"unknown --tta '{self.tta}'; choose one of: {', '.join(TTA_CHOICES)}"),
+            (self.bn_lr_scale > 0, f"--bn-lr-scale must be > 0, got {self.bn_lr_scale}"),
             (self.channels_last in ("auto", "on", "off"), f"--channels-last must be auto, on or off, got '{self.channels_last}'"),
             (self.dataset in ("cifar10", "cifar100"), f"unknown --dataset '{self.dataset}'; use cifar10 or cifar100"),
         ]

@@ -18,7 +18,9 @@ from .checkpoint import find_run, load_state, save_state, save_weights, unwrap_m
 from .config import RESUMABLE_OVERRIDES, TrainConfig, from_dict, print_config
 from .data import BatchAugment, TensorLoader, load_dataset
 from .evaluation import EvalResult, evaluate
+from .inference import predict_probs
 from .models import create_model
+from .whitening import whiten_stem_
 from .system import (
     autocast,
     resolve_amp,
@@ -64,23 +66,48 @@ def resolve_resume(cfg: TrainConfig, explicit: dict) -> tuple[TrainConfig, dict 
     return saved, state, run_dir
 
 
+def param_groups(cfg: TrainConfig, model: nn.Module) -> list[dict]:
+    """Weights get weight decay; BN parameters and biases none, and their own lr scale (timm's schedulers
+    multiply a group's lr by its 'lr_scale'). Under Muon, the classifier takes the AdamW fallback."""
+    weights, others, head = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim <= 1:
+            others.append(param)
+        elif cfg.optimizer == "muon" and name.startswith("head."):
+            head.append(param)
+        else:
+            weights.append(param)
+    groups = [{"params": weights, "weight_decay": cfg.weight_decay}]
+    if head:
+        groups.append({"params": head, "weight_decay": cfg.weight_decay, "use_fallback": True})
+    if others:
+        groups.append({"params": others, "weight_decay": 0.0, "lr_scale": cfg.bn_lr_scale})
+    return groups
+
+
 def build_optimizer(cfg: TrainConfig, model: nn.Module, lr_scale: float = 1) -> torch.optim.Optimizer:
     from timm.optim import create_optimizer_v2
 
-    # timm puts BN parameters and biases in a group without weight decay; its 'sgd' is Nesterov SGD.
-    return create_optimizer_v2(
-        model, opt=cfg.optimizer, lr=cfg.lr * lr_scale, weight_decay=cfg.weight_decay, momentum=cfg.momentum, filter_bias_and_bn=True
+    # timm's 'sgd' is Nesterov SGD; its 'muon' orthogonalizes conv/linear updates, AdamW for the rest.
+    extra = {"nesterov": True} if cfg.optimizer == "muon" else {}
+    optimizer = create_optimizer_v2(
+        param_groups(cfg, model), opt=cfg.optimizer, lr=cfg.lr * lr_scale, weight_decay=cfg.weight_decay,
+        momentum=cfg.momentum, **extra,
     )
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.lr * lr_scale * group.get("lr_scale", 1.0)
+    return optimizer
 
 
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, lr_scale: float = 1):
-    """Linear warmup from warmup_lr to lr, then cosine to min_lr, both counted in steps."""
-    from timm.scheduler import CosineLRScheduler
+    """Linear warmup from warmup_lr to lr, then cosine (or linear) decay to min_lr, counted in steps."""
+    from timm.scheduler import CosineLRScheduler, PolyLRScheduler
 
     total = cfg.epochs * steps_per_epoch
     warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total - 1)
-    return CosineLRScheduler(
-        optimizer,
+    common = dict(
         t_initial=max(1, total - warmup),
         lr_min=cfg.min_lr * lr_scale,
         warmup_t=warmup,
@@ -88,6 +115,9 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_pe
         warmup_prefix=True,
         t_in_epochs=False,
     )
+    if cfg.schedule == "linear":  # polynomial decay of power 1: a straight line to min_lr
+        return PolyLRScheduler(optimizer, power=1.0, **common)
+    return CosineLRScheduler(optimizer, **common)
 
 
 def build_mixup(cfg: TrainConfig, num_classes: int):
@@ -192,7 +222,7 @@ class Trainer:
         self.train_loader = TensorLoader(
             self.data.train_images, self.data.train_labels, cfg.batch_size,
             train=True, transform=train_tf, device=self.device, seed=cfg.seed,
-            rank=self.dist.rank, world_size=self.dist.world_size,
+            rank=self.dist.rank, world_size=self.dist.world_size, alternate_flip=cfg.alt_flip,
         )
         eval_batch = max(cfg.batch_size, 500)
         shard = dict(rank=self.dist.rank, world_size=self.dist.world_size)
@@ -219,6 +249,8 @@ class Trainer:
             from .hub import load_pretrained_into
 
             self.out(load_pretrained_into(model, cfg.model, cfg.pretrained))
+        if cfg.whiten_stem and self.resume_state is None and not cfg.pretrained:
+            whiten_stem_(model, self.data.train_images, self.data.mean, self.data.std)
         self.model = model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         if self.dist.enabled and cfg.sync_bn:
             if self.device.type == "cpu":
@@ -232,7 +264,7 @@ class Trainer:
 
         self.criterion = SoftTargetCrossEntropy()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema else None
+        self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup) if cfg.ema else None
         self.forward = self.model
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
@@ -484,25 +516,34 @@ class Trainer:
             row.update(val_loss=round(val.loss, 6), val_acc=round(val.accuracy, 4))
             writer.add_scalar("val/loss", val.loss, self.step)
             writer.add_scalar("val/accuracy", val.accuracy, self.step)
+        ema_val = None
         if self.ema is not None:
             ema = evaluate(self.ema.module, self.test_loader, k, amp, reduce)
             row["ema_test_acc"] = round(ema.accuracy, 4)
             writer.add_scalar("test/ema_accuracy", ema.accuracy, self.step)
+            if val is not None:
+                ema_val = evaluate(self.ema.module, self.val_loader, k, amp, reduce)
+                row["ema_val_acc"] = round(ema_val.accuracy, 4)
+                writer.add_scalar("val/ema_accuracy", ema_val.accuracy, self.step)
         writer.flush()
         self.history.append(row)
         if self.dist.is_main:
             self._write_csv()
 
-        chosen, split = (val, "val") if val is not None else (test, "test")
+        chosen, split, weights = (val, "val", self.model) if val is not None else (test, "test", self.model)
+        if ema_val is not None and ema_val.accuracy > val.accuracy:  # the better of raw/EMA, judged on val only
+            chosen, weights = ema_val, self.ema.module
         if chosen.accuracy > self.best_metric:
             self.best_metric, self.best_epoch = chosen.accuracy, epoch + 1
             meta = self._weights_metadata(epoch + 1, chosen, split)
-            meta["test_accuracy"] = round(test.accuracy, 4)
+            meta["test_accuracy"] = round(test.accuracy if weights is self.model else ema.accuracy, 4)
+            meta["ema"] = weights is not self.model
             if self.dist.is_main:
-                save_weights(self.dirs.checkpoints / "best.safetensors", unwrap_model(self.model).state_dict(), meta)
+                save_weights(self.dirs.checkpoints / "best.safetensors", unwrap_model(weights).state_dict(), meta)
         self.train_loader.set_epoch(epoch + 1)  # the state saved is "start of the next epoch"
         self.save_last(epoch + 1)
         extra = f", val {val.accuracy:.2f}%" if val is not None else ""
+        extra += f", EMA test acc {row['ema_test_acc']:.2f}%" if self.ema is not None else ""
         self.out(
             f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, test loss {test.loss:.4f}, "
             f"test acc {test.accuracy:.2f}%{extra}, {row['images_per_sec']:.0f} img/s, {seconds:.1f}s"
@@ -554,6 +595,9 @@ class Trainer:
     def _report(self, final: EvalResult) -> dict:
         split = "validation" if self.val_loader is not None else "test"
         self.out(f"\nfinal test accuracy: {final.accuracy:.2f}% ({final.correct}/{final.total}), test loss {final.loss:.4f}")
+        tta = self._tta_accuracy()
+        if tta is not None:
+            self.out(f"with {self.cfg.tta} TTA: {tta:.2f}% (the plain figure above is the headline)")
         self.out("per-class test accuracy:\n" + final.per_class_table(self.data.classes))
         self.out(f"best: {self.best_metric:.2f}% on the {split} split at epoch {self.best_epoch}")
         self.out(f"checkpoints: {self.dirs.checkpoints}/ (best.safetensors, last.safetensors, last.state.pt)")
@@ -568,7 +612,20 @@ class Trainer:
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
             "history": self.history,
+            "tta_accuracy": tta,
         }
+
+    def _tta_accuracy(self) -> float | None:
+        """The final model's test accuracy averaged over the --tta views (None with --tta none)."""
+        if self.cfg.tta == "none":
+            return None
+        probs, labels = predict_probs(self.model, self.test_loader, self.cfg.tta, self.amp_dtype)
+        correct = (probs.argmax(dim=1) == labels).sum().double().to(self.device)
+        total = torch.tensor(float(len(labels)), dtype=torch.float64, device=self.device)
+        if self.reduce is not None:
+            self.reduce(correct)
+            self.reduce(total)
+        return 100.0 * float(correct) / max(float(total), 1.0)
 
 
 def _yaml(values: dict) -> str:

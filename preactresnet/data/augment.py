@@ -176,11 +176,17 @@ class BatchAugment:
         }
 
     # -- application --------------------------------------------------------------------------
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, flip: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`flip` (bool per sample), when given, replaces the random flips: the loader's alternating flip."""
         if self.config is None:
             return self.normalize(images)
         b, _, h, w = images.shape
-        return self.apply(images, self.sample_params(b, h, w, images.device, generator))
+        params = self.sample_params(b, h, w, images.device, generator)
+        if flip is not None:
+            params["flip"] = flip
+        return self.apply(images, params)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float().div_(255.0)

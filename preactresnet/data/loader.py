@@ -4,6 +4,8 @@ Training: a fresh seeded shuffle every epoch, full batches only (the last partia
 sharded by rank. Evaluation: every image exactly once, in order, split into contiguous shards.
 The shuffle and the augmentation draw from generators seeded by (seed, epoch, rank), and the
 position inside an epoch is part of `state_dict()`, so a resumed run sees the same batches.
+With `alternate_flip`, each image is mirrored on alternate epochs, starting from a seeded coin per
+image (airbench's derandomized flip): every image is seen both ways in any two epochs in a row.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class TensorLoader:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        alternate_flip: bool = False,
     ):
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
@@ -47,6 +50,10 @@ class TensorLoader:
         self.epoch = 0
         self.batch = 0  # batches of the current epoch already handed out
         self.generator = torch.Generator(device=self.device)
+        self.flip_start = None  # per image: mirrored in even epochs? (a pure function of the seed)
+        if alternate_flip and train:
+            coins = torch.rand(len(self.labels), generator=torch.Generator().manual_seed(_epoch_seed(seed, -1)))
+            self.flip_start = (coins < 0.5).to(self.device)
         self.set_epoch(0)
         if train and len(self.labels) // world_size < batch_size:
             raise ValueError(
@@ -100,6 +107,10 @@ class TensorLoader:
         idx = self._indices().to(self.device)
         for b in range(self.batch, len(self)):
             sel = idx[b * self.batch_size : (b + 1) * self.batch_size]
-            x = self.transform(self.images[sel], self.generator if self.train else None)
+            if self.flip_start is None:
+                x = self.transform(self.images[sel], self.generator if self.train else None)
+            else:
+                flip = self.flip_start[sel] ^ bool(self.epoch % 2)
+                x = self.transform(self.images[sel], self.generator, flip=flip)
             self.batch = b + 1
             yield x, self.labels[sel]

@@ -31,7 +31,7 @@ from augment import PILDataset, torchvision_pipeline  # noqa: E402  (bench/augme
 
 from preactresnet.config import TrainConfig  # noqa: E402
 from preactresnet.models import create_model  # noqa: E402
-from preactresnet.training import Trainer, _NullWriter, _StopFlag  # noqa: E402
+from preactresnet.training import Trainer  # noqa: E402
 
 
 def reference(ds, cfg: TrainConfig, steps: int, warmup: int, workers: int, device: torch.device) -> float:
@@ -63,18 +63,13 @@ def _sync(device: torch.device) -> None:
 
 
 def trainer_path(cfg: TrainConfig, steps: int, warmup: int) -> tuple[float, str]:
-    from tqdm.auto import tqdm
-
-    t = Trainer(cfg, out=lambda *a: None)
-    stop = _StopFlag()
-    t.steps_per_epoch = warmup
+    t = Trainer.from_config(cfg, out=lambda *a: None)
     t.train_loader.set_epoch(0)
-    t._train_epoch(0, _NullWriter(), stop, tqdm, show=False)  # warm-up: first-touch allocations, oneDNN kernel choice
-    t.steps_per_epoch = steps
+    t.train_steps(warmup)  # warm-up: first-touch allocations, oneDNN kernel choice
     t.train_loader.set_epoch(1)
-    _, seconds, images = t._train_epoch(1, _NullWriter(), stop, tqdm, show=False)
+    stats = t.train_steps(steps)
     how = f"{t.amp_dtype or torch.float32}, channels_last={t.channels_last}, device={t.device}"
-    return images / seconds, how
+    return stats.images / stats.seconds, how
 
 
 def main() -> None:

@@ -8,6 +8,6 @@ __all__ = ["count_params", "create_model", "from_pretrained", "list_models", "__
 
 def from_pretrained(spec: str, device="cpu"):
     """A pretrained model from a local folder or a Hugging Face Hub repo id (see preactresnet.hub)."""
-    from .hub import from_pretrained as _from_pretrained
+    from .hub import from_pretrained as _from_pretrained  # lazy: `import preactresnet` stays light for timm users
 
     return _from_pretrained(spec, device)

@@ -12,16 +12,19 @@ Windows), so the previous version stays intact until the new one is complete.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import pickle
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from .fileio import atomic_write, first_line
 
 WEIGHTS_FORMAT = "preactresnet/1"
 
@@ -41,20 +44,36 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def atomic_write(path: str | Path, write) -> Path:
-    """Call write(tmp) on a temporary file beside `path`, then move it into place in one step.
+REQUIRED_METADATA = ("model", "model_args", "classes", "mean", "std")  # what rebuilding and using a model needs
 
-    A crash or kill at any moment leaves either the old file or the new one, never half of either.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+
+@dataclass(frozen=True)
+class WeightsMeta:
+    """What a weights file says about itself: how to rebuild, normalize and label, and where it came from."""
+
+    model: str
+    model_args: dict
+    classes: list
+    mean: list
+    std: list
+    dataset: str = "cifar10"
+    data_dir: str = ""
+    run: str = ""
+    data_description: str = ""
+    command: str = ""
+
+    def at(self, epoch: int, ema: bool = False, **accuracies: float | None) -> dict:
+        """The metadata of the weights saved after `epoch`, with accuracies such as test_accuracy=83.2."""
+        meta = {**dataclasses.asdict(self), "epoch": epoch, "ema": ema}
+        meta.update({k: round(v, 4) for k, v in accuracies.items() if v is not None})
+        return meta
+
+
+def check_metadata(meta: dict, path: str | Path) -> dict:
+    for key in REQUIRED_METADATA:
+        if key not in meta:
+            raise CheckpointError(f"{path} lacks '{key}' in its metadata; it was not saved by train.py or export")
+    return meta
 
 
 def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict) -> None:
@@ -99,11 +118,9 @@ def load_state(path: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unsafe content"
-        raise CheckpointError(f"{path} holds objects a checkpoint never holds; refusing to load it ({first})") from None
+        raise CheckpointError(f"{path} holds objects a checkpoint never holds; refusing to load it ({first_line(err, 'unsafe content')})") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path} is truncated or corrupt ({first}); resume from another run or start afresh") from None
+        raise CheckpointError(f"{path} is truncated or corrupt ({first_line(err)}); resume from another run or start afresh") from None
 
 
 def find_run(spec: str, checkpoint_dir: str | Path) -> Path:

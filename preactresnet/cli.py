@@ -1,51 +1,75 @@
-"""Entry points behind the root scripts: parse, run, and turn user mistakes into one-line errors."""
+"""Every command-line entry point: parse the flags, run, and turn user mistakes into one-line errors.
+
+The root scripts (train.py, test.py, ...) and the console scripts installed with the package
+(preactresnet-train, preactresnet-test, ...) both call the main_* functions here.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 from pathlib import Path
 
+from . import optimize, reporting
+from .checkpoint import CheckpointError
+from .config import parse_args
+from .data import DataError
+from .distributed import cleanup
+from .fileio import fail
+from .hub import export, push_to_hub
+from .inference import TTA_MODES, load_model, resolve_checkpoint
+from .profile import PROFILE_PATH
+from .system import resolve_device
+from .training import NonFiniteLoss, train
 
-def _fail(message: str, code: int = 2) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(code)
+USER_ERRORS = (CheckpointError, DataError, ValueError)
 
 
+def add_checkpoint_args(ap: argparse.ArgumentParser, pretrained: bool = True) -> None:
+    """--checkpoint, --pretrained and --checkpoint-dir, as every evaluating command spells them."""
+    ap.add_argument("--checkpoint", help="a .safetensors file, a run folder or run name (default: the newest run's best)")
+    if pretrained:
+        ap.add_argument("--pretrained", help="a pretrained folder or Hugging Face Hub repo id (instead of --checkpoint)")
+    ap.add_argument("--checkpoint-dir", default="checkpoints", help="where run folders are looked up (default: checkpoints)")
+
+
+def add_eval_args(ap: argparse.ArgumentParser) -> None:
+    """Settings test.py and test_with_checkpoints.py share."""
+    ap.add_argument("--download", action=argparse.BooleanOptionalAction, default=True, help="download the test data if missing")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    ap.add_argument("--amp", default="auto", help="auto, bf16, fp16 or off")
+    ap.add_argument("--batch-size", type=int, default=500, help="evaluation batch size")
+    ap.add_argument("--fig-dir", default="fig", help="where figures go")
+
+
+# -- train.py, export.py -------------------------------------------------------------------------------
 def main_train(argv: list[str] | None = None) -> None:
-    from .checkpoint import CheckpointError
-    from .config import parse_args
-    from .data import DataError
-    from .distributed import cleanup
-    from .training import NonFiniteLoss, train
-
     try:
         cfg, explicit = parse_args(argv)
         args = sys.argv[1:] if argv is None else argv
         train(cfg, explicit, command=" ".join(["python train.py", *args]))
-    except (ValueError, DataError, CheckpointError) as err:
-        _fail(str(err))
+    except USER_ERRORS as err:
+        fail(str(err))
     except NonFiniteLoss as err:
-        _fail(str(err), code=3)
+        fail(str(err), code=3)
     except KeyboardInterrupt:
         raise SystemExit(130)
     finally:
         cleanup()
 
 
-def main_export(argv: list[str] | None = None) -> None:
-    import argparse
-
-    from .checkpoint import CheckpointError
-    from .hub import export, push_to_hub
-    from .inference import resolve_checkpoint
-
+def export_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Turn a training checkpoint into a pretrained folder (model.safetensors, config.json, README.md).")
-    ap.add_argument("--checkpoint", help="a .safetensors file, a run folder or run name (default: the newest run's best)")
-    ap.add_argument("--checkpoint-dir", default="checkpoints")
+    add_checkpoint_args(ap, pretrained=False)
     ap.add_argument("--out", help="the folder to write (default: pretrained/<run>)")
     ap.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload it to this Hugging Face Hub repo (log in first)")
-    ap.add_argument("--private", action="store_true")
-    args = ap.parse_args(argv)
+    ap.add_argument("--private", action="store_true", help="make the Hub repo private")
+    return ap
+
+
+def main_export(argv: list[str] | None = None) -> None:
+    args = export_parser().parse_args(argv)
     try:
         path = resolve_checkpoint(args.checkpoint, args.checkpoint_dir)
         out = export(path, args.out or Path("pretrained") / path.parent.name)
@@ -53,4 +77,107 @@ def main_export(argv: list[str] | None = None) -> None:
         if args.push_to_hub:
             print(f"pushed to {push_to_hub(out, args.push_to_hub, args.private)}")
     except (CheckpointError, ValueError) as err:
-        _fail(str(err))
+        fail(str(err))
+
+
+# -- test.py -------------------------------------------------------------------------------------------
+def test_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description="Evaluate a checkpoint on the test set: accuracy, loss, per-class accuracy, confusion matrix.")
+    add_checkpoint_args(ap)
+    ap.add_argument("--data-dir", help="test data (default: the data the checkpoint was trained on)")
+    ap.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time augmentation; the plain figure is always printed too")
+    ap.add_argument("--ema", action="store_true", help="use the run's EMA weights (ema.safetensors)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+    add_eval_args(ap)
+    ap.add_argument("--no-figures", action="store_true", help="skip the confusion matrix, reliability and prediction figures")
+    return ap
+
+
+def main_test(argv: list[str] | None = None) -> None:
+    args = test_parser().parse_args(argv)
+    try:
+        report = reporting.run_test(args)
+    except USER_ERRORS as err:
+        fail(str(err))
+    if args.json:
+        print(json.dumps(report))
+    else:
+        reporting.print_test_report(report)
+
+
+# -- test_with_checkpoints.py ----------------------------------------------------------------------------
+def checkpoints_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description="Evaluate every checkpoint given (files, run folders, or all of checkpoints/) and tabulate them.")
+    ap.add_argument("paths", nargs="*", help="checkpoint files or run folders (default: every run under --checkpoint-dir)")
+    ap.add_argument("--checkpoint-dir", default="checkpoints", help="where run folders are looked up (default: checkpoints)")
+    ap.add_argument("--log-dir", default="runs", help="where the runs' metrics.csv files are, for the per-epoch curves")
+    ap.add_argument("--data-dir", help="test data (default: each checkpoint's own)")
+    ap.add_argument("--sort", choices=("accuracy", "epoch", "name", "loss"), default="accuracy", help="row order")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    add_eval_args(ap)
+    return ap
+
+
+def main_checkpoints(argv: list[str] | None = None) -> None:
+    args = checkpoints_parser().parse_args(argv)
+    try:
+        rows = reporting.run_checkpoints(args)
+    except USER_ERRORS as err:
+        fail(str(err))
+    figure = reporting.checkpoints_figure(rows, args.fig_dir, args.log_dir)
+    if args.json:
+        print(json.dumps({"checkpoints": rows, "figure": str(figure) if figure else None}))
+    else:
+        reporting.print_checkpoints_table(rows, figure)
+    if all(r["error"] is not None for r in rows):
+        raise SystemExit(1)
+
+
+# -- predict.py ----------------------------------------------------------------------------------------
+def predict_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description="Classify images (files or folders, any size or mode) with a trained checkpoint.")
+    ap.add_argument("images", nargs="+", help="image files or folders of images")
+    add_checkpoint_args(ap)
+    ap.add_argument("--top-k", type=int, default=3, help="classes shown per image")
+    ap.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time augmentation")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of a line per image")
+    return ap
+
+
+def main_predict(argv: list[str] | None = None) -> None:
+    args = predict_parser().parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+        lm = load_model(reporting.weights_path(args), device)
+    except (CheckpointError, ValueError) as err:
+        fail(str(err))
+    files = reporting.image_files(args.images)
+    results, failed = reporting.predict_images(lm, files, device, args.tta, args.top_k, show=not args.json)
+    if args.json:
+        print(json.dumps({"checkpoint": str(lm.path), "predictions": results}))
+    if failed:
+        raise SystemExit(1)
+
+
+# -- optimize_system.py ----------------------------------------------------------------------------------
+def optimize_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description="Report this machine, time training steps per setting, and save the fastest as the profile train.py uses.")
+    ap.add_argument("--model", default="preactresnet18", help="the model to time")
+    ap.add_argument("--batch-size", type=int, default=256, help="the batch size to time")
+    ap.add_argument("--width-mult", type=float, default=None, help="measure a narrower net (default: full, or 0.25 on CPU with --quick)")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    ap.add_argument("--quick", action="store_true", help="fewer steps and settings: under a minute")
+    ap.add_argument("--profile", default=str(PROFILE_PATH), help="where to write the profile")
+    ap.add_argument("--no-priority", action="store_true", help="do not try to raise the process priority")
+    ap.add_argument("--data-dir", default="data", help="data folder whose disk the report checks")
+    ap.add_argument("--checkpoint-dir", default="checkpoints", help="checkpoint folder whose disk the report checks")
+    return ap
+
+
+def main_optimize(argv: list[str] | None = None) -> None:
+    args = optimize_parser().parse_args(argv)
+    try:
+        optimize.run(args)
+    except ValueError as err:
+        fail(str(err))

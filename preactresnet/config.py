@@ -4,89 +4,98 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import yaml
 
+from .checkpoint import find_run, load_state
 from .data.augment import AugmentConfig
+from .distributed import DistInfo, broadcast_object
+from .fileio import first_line
+from .models import check_model_name
+from .profile import load_profile
+from .system import resolve_device
 
 OPTIMIZERS = ("adagrad", "sgd", "adamw", "muon")
 SCHEDULES = ("cosine", "linear")
 TTA_CHOICES = ("none", "flip", "flip-translate")
 
 
+def setting(default, group: str, help: str):
+    """A TrainConfig field with its --help group and text: the one place a setting is described."""
+    return field(default=default, metadata={"group": group, "help": help})
+
+
+M, D, A, X, O, S, P, R, Q = (
+    "model", "data", "augmentation", "mixing and loss", "optimization", "schedule", "precision and speed",
+    "output", "resume and reproducibility",
+)
+
+
 @dataclass
 class TrainConfig:
-    # model
-    model: str = "preactresnet18"
-    width_mult: float = 1.0  # channel multiplier: 0.25 gives a narrow net for CPU demos
-    drop_rate: float = 0.0  # dropout before the classifier
-    zero_init_residual: bool = False
-    whiten_stem: bool = False  # initialise the first conv by patch whitening of the training images
-    pretrained: str = ""  # fine-tune from a pretrained folder or Hub repo id (export.py makes them)
-    # data
-    dataset: str = "cifar10"
-    data_dir: str = "data"  # folder (downloads here), archive, image tree, or 'sample'
-    download: bool = True
-    val_size: int = 0  # >0: hold out this many training images to choose the best checkpoint
-    # augmentation (per sample, batched on the training device)
-    crop_padding: int = 4
-    flip_prob: float = 0.5
-    alt_flip: bool = False  # derandomized flip: each image mirrored on alternate epochs (flip_prob unused)
-    jitter_prob: float = 0.8
-    brightness: float = 0.2
-    contrast: float = 0.2
-    saturation: float = 0.2
-    hue: float = 0.05
-    erase_prob: float = 0.25
-    # MixUp / CutMix (timm) and the loss
-    mixup_alpha: float = 1.0
-    cutmix_alpha: float = 1.0
-    mix_prob: float = 0.5  # chance a batch is mixed at all
-    mix_switch_prob: float = 0.5  # chance a mixed batch uses CutMix rather than MixUp
-    mix_off_epochs: int = 0  # no mixing in the last N epochs
-    label_smoothing: float = 0.1
-    # optimization
-    epochs: int = 200
-    batch_size: int = 256  # per process: under torchrun the global batch is batch_size x processes
-    scale_lr: bool = False  # under torchrun, multiply lr, warmup_lr and min_lr by the number of processes
-    sync_bn: bool = False  # under torchrun, BatchNorm statistics over the global batch
-    optimizer: str = "adagrad"  # adagrad | sgd (Nesterov momentum) | adamw
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4  # never applied to BN parameters and biases
-    bn_lr_scale: float = 1.0  # learning-rate multiplier for BN parameters and biases
-    warmup_epochs: float = 5.0
-    warmup_lr: float = 1e-5  # learning rate at step 0, rising linearly to lr
-    schedule: str = "cosine"  # after warmup: cosine | linear decay to min_lr
-    min_lr: float = 0.0  # end of the decay
-    grad_clip: float = 0.0  # max global gradient norm; 0 = off
-    ema: bool = False
-    ema_decay: float = 0.999
-    ema_warmup: bool = False  # EMA decay grows as 1 - (1 + step)^(-2/3) up to ema_decay: suits short runs
-    tta: str = "flip"  # test-time augmentation reported beside the plain figure at the end: none | flip | flip-translate
-    # speed
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "auto"  # auto | bf16 | fp16 | off
-    channels_last: str = "auto"  # auto | on | off
-    compile: bool = False
-    threads: int = 0  # CPU threads for PyTorch; 0 = PyTorch's choice
-    profile: str = "auto"  # optimize_system.py's measured settings: auto (if made here) | off | PATH
-    # reproducibility
-    seed: int = 0
-    deterministic: bool = False
-    # run, outputs
-    run_name: str = ""  # default: <model>-<date>-<time>
-    checkpoint_dir: str = "checkpoints"
-    log_dir: str = "runs"
-    fig_dir: str = "fig"
-    resume: str = ""  # a run folder, a run name, or 'auto' (the newest run)
-    log_interval: int = 50  # steps between training-loss logs
-    progress: bool = True  # tqdm bars
-    max_steps_per_epoch: int = 0  # >0: cut epochs short (smoke tests, benchmarks)
+    model: str = setting("preactresnet18", M, "network from the zoo: preactresnet18/34/50/101/152, resnext29_8x64d, ...")
+    width_mult: float = setting(1.0, M, "channel multiplier: 0.25 gives a narrow net for CPU runs")
+    drop_rate: float = setting(0.0, M, "dropout before the classifier")
+    zero_init_residual: bool = setting(False, M, "start every residual branch's last layer at zero")
+    whiten_stem: bool = setting(False, M, "initialise the first conv by patch whitening of the training images")
+    pretrained: str = setting("", M, "fine-tune from a pretrained folder or Hub repo id (export.py makes them)")
+    dataset: str = setting("cifar10", D, "cifar10 or cifar100")
+    data_dir: str = setting("data", D, "a folder (downloads there), an archive, an image tree, or 'sample'")
+    download: bool = setting(True, D, "download the dataset when --data-dir has none")
+    val_size: int = setting(0, D, "hold out this many training images to choose the best checkpoint (0: none)")
+    crop_padding: int = setting(4, A, "RandomCrop padding in pixels (0: no crop)")
+    flip_prob: float = setting(0.5, A, "chance of a horizontal flip per image")
+    alt_flip: bool = setting(False, A, "derandomized flip: each image mirrored on alternate epochs (flip_prob unused)")
+    jitter_prob: float = setting(0.8, A, "chance of ColorJitter per image")
+    brightness: float = setting(0.2, A, "ColorJitter brightness strength")
+    contrast: float = setting(0.2, A, "ColorJitter contrast strength")
+    saturation: float = setting(0.2, A, "ColorJitter saturation strength")
+    hue: float = setting(0.05, A, "ColorJitter hue strength (at most 0.5)")
+    erase_prob: float = setting(0.25, A, "chance of RandomErasing per image")
+    mixup_alpha: float = setting(1.0, X, "MixUp Beta(alpha, alpha); 0 turns MixUp off")
+    cutmix_alpha: float = setting(1.0, X, "CutMix Beta(alpha, alpha); 0 turns CutMix off")
+    mix_prob: float = setting(0.5, X, "chance a batch is mixed at all (0: no mixing)")
+    mix_switch_prob: float = setting(0.5, X, "chance a mixed batch uses CutMix rather than MixUp")
+    mix_off_epochs: int = setting(0, X, "no mixing in the last N epochs")
+    label_smoothing: float = setting(0.1, X, "label smoothing of the cross-entropy targets")
+    epochs: int = setting(200, O, "training epochs")
+    batch_size: int = setting(256, O, "per process: under torchrun the global batch is batch_size x processes")
+    scale_lr: bool = setting(False, O, "under torchrun, multiply lr, warmup_lr and min_lr by the number of processes")
+    sync_bn: bool = setting(False, O, "under torchrun on GPUs, BatchNorm statistics over the global batch")
+    optimizer: str = setting("adagrad", O, "adagrad | sgd (Nesterov) | adamw | muon (conv/linear; AdamW for the rest)")
+    lr: float = setting(0.05, O, "peak learning rate")
+    momentum: float = setting(0.9, O, "SGD momentum")
+    weight_decay: float = setting(5e-4, O, "weight decay, never applied to BN parameters and biases")
+    bn_lr_scale: float = setting(1.0, O, "learning-rate multiplier for BN parameters and biases")
+    grad_clip: float = setting(0.0, O, "max global gradient norm (0: off)")
+    ema: bool = setting(False, O, "keep an exponential moving average of the weights (ema.safetensors)")
+    ema_decay: float = setting(0.999, O, "EMA decay per step")
+    ema_warmup: bool = setting(False, O, "EMA decay grows as 1 - (1 + step)^(-2/3) up to ema_decay: suits short runs")
+    warmup_epochs: float = setting(5.0, S, "linear warmup length in epochs (fractions allowed)")
+    warmup_lr: float = setting(1e-5, S, "learning rate at step 0, rising linearly to lr")
+    schedule: str = setting("cosine", S, "decay after warmup: cosine | linear, down to min_lr")
+    min_lr: float = setting(0.0, S, "learning rate at the end of the decay")
+    device: str = setting("auto", P, "auto | cpu | cuda | cuda:N")
+    amp: str = setting("auto", P, "mixed precision: auto (bf16 where the hardware has it) | bf16 | fp16 | off")
+    channels_last: str = setting("auto", P, "NHWC memory format: auto | on | off")
+    compile: bool = setting(False, P, "torch.compile the model")
+    threads: int = setting(0, P, "CPU threads for PyTorch (0: PyTorch's choice)")
+    profile: str = setting("auto", P, "optimize_system.py's measured settings: auto (if made here) | off | PATH")
+    run_name: str = setting("", R, "run name (default: <model>-<date>-<time>)")
+    checkpoint_dir: str = setting("checkpoints", R, "where run folders with checkpoints go")
+    log_dir: str = setting("runs", R, "where TensorBoard logs and metrics.csv go")
+    fig_dir: str = setting("fig", R, "where figures go")
+    log_interval: int = setting(50, R, "steps between training-loss logs")
+    progress: bool = setting(True, R, "progress bars (drawn on a terminal only, never into a log file)")
+    tta: str = setting("flip", R, "TTA reported beside the plain test accuracy at the end: none | flip | flip-translate")
+    max_steps_per_epoch: int = setting(0, R, "cut epochs short after N steps (smoke tests, benchmarks; 0: off)")
+    resume: str = setting("", Q, "continue a run: its folder, its name, or 'auto' (the newest run)")
+    seed: int = setting(0, Q, "seed of every random draw")
+    deterministic: bool = setting(False, Q, "bit-exact repeat runs (deterministic kernels; slower on GPUs)")
 
     def augment(self) -> AugmentConfig:
         return AugmentConfig(
@@ -100,14 +109,13 @@ class TrainConfig:
             erase_prob=self.erase_prob,
         )
 
-    def validate(self) -> None:
-        """Bad settings fail here, at start, with one line naming the flag."""
-        from .models import canonical_name, list_models
+    def validated(self) -> TrainConfig:
+        """A copy with names in canonical form; bad settings fail here, at start, with one line naming the flag."""
+        cfg = dataclasses.replace(self, model=check_model_name(self.model), optimizer=self.optimizer.lower())
+        cfg.validate()
+        return cfg
 
-        if canonical_name(self.model) not in list_models():
-            raise ValueError(f"unknown --model '{self.model}'; choose one of: {', '.join(list_models())}")
-        self.model = canonical_name(self.model)
-        self.optimizer = self.optimizer.lower()
+    def validate(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown --optimizer '{self.optimizer}'; choose one of: {', '.join(OPTIMIZERS)}")
         checks = [
@@ -188,7 +196,7 @@ def load_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ValueError(f"--config {path} is not valid YAML ({str(err).splitlines()[0]})") from None
+        raise ValueError(f"--config {path} is not valid YAML ({first_line(err)})") from None
     if not isinstance(data, dict):
         raise ValueError(f"--config {path} must be a mapping of setting: value")
     return {k.replace("-", "_"): v for k, v in data.items()}
@@ -197,18 +205,19 @@ def load_yaml(path: str | Path) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         description="Train a PreActResNet or ResNeXt-29 on CIFAR. Defaults <- --config YAML <- flags.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         argument_default=argparse.SUPPRESS,  # only flags the user typed reach the config
     )
     ap.add_argument("--config", help="YAML recipe, e.g. configs/demo.yaml")
-    defaults = TrainConfig()
-    for name, typ in _field_types().items():
-        flag = "--" + name.replace("_", "-")
-        default = getattr(defaults, name)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    types = _field_types()
+    for f in dataclasses.fields(TrainConfig):
+        group = groups.get(f.metadata["group"]) or groups.setdefault(f.metadata["group"], ap.add_argument_group(f.metadata["group"]))
+        flag, typ = "--" + f.name.replace("_", "-"), types[f.name]
+        text = f"{f.metadata['help']} (default: {f.default!r})"
         if typ is bool:
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"(default: {default})")
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
         else:
-            ap.add_argument(flag, type=typ, metavar=typ.__name__.upper(), help=f"(default: {default})")
+            group.add_argument(flag, type=typ, metavar=typ.__name__.upper(), help=text)
     return ap
 
 
@@ -222,8 +231,58 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, dict]:
     return cfg, explicit
 
 
-def print_config(cfg: TrainConfig, file=sys.stdout) -> None:
-    print("config:\n" + cfg.format(), file=file)
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """The finished config of a run and what resolving it found; nothing changes it afterwards."""
+
+    cfg: TrainConfig
+    state: dict | None = None  # the training state to resume from
+    run_dir: Path | None = None  # the run being resumed
+    profile: dict | None = None  # the system profile applied (its 'applied' settings, 'path', 'tf32')
 
 
-__all__ = ["TrainConfig", "RESUMABLE_OVERRIDES", "build_parser", "from_dict", "load_yaml", "parse_args", "print_config"]
+def resolve_config(cfg: TrainConfig, explicit: dict, dist: DistInfo, warn=print) -> ResolvedConfig:
+    """Resume (the saved config wins), system profile, validation and run name, once, in that order."""
+    state = run_dir = profile = None
+    if cfg.resume:
+        cfg, state, run_dir = _resumed_config(cfg, explicit)
+    cfg = cfg.validated()
+    if state is None:  # a resumed run keeps the settings it was saved with
+        cfg, profile = _with_profile(cfg, explicit, warn)
+    if not cfg.run_name:
+        cfg = dataclasses.replace(cfg, run_name=broadcast_object(f"{cfg.model}-{datetime.now():%Y%m%d-%H%M%S}", dist))
+    return ResolvedConfig(cfg, state, run_dir, profile)
+
+
+def _resumed_config(cfg: TrainConfig, explicit: dict) -> tuple[TrainConfig, dict, Path]:
+    """With --resume, the saved config wins; an explicit flag may only change what cannot alter results."""
+    run_dir = find_run(cfg.resume, cfg.checkpoint_dir)
+    state = load_state(run_dir / "last.state.pt")
+    saved = from_dict(state["config"], where=f"{run_dir}/last.state.pt")
+    for key, value in explicit.items():
+        if key in RESUMABLE_OVERRIDES:
+            setattr(saved, key, value)
+        elif value != getattr(saved, key):
+            raise ValueError(
+                f"--{key.replace('_', '-')} {value} differs from {getattr(saved, key)} in the run being resumed "
+                f"({run_dir}); drop the flag, or start a new run without --resume"
+            )
+    saved = dataclasses.replace(saved, resume=cfg.resume, run_name=run_dir.name, checkpoint_dir=str(run_dir.parent))
+    return saved, state, run_dir
+
+
+def _with_profile(cfg: TrainConfig, explicit: dict, warn) -> tuple[TrainConfig, dict | None]:
+    """optimize_system.py's measured winner, for every setting the user did not give explicitly."""
+    profile = load_profile(cfg.profile, cfg.model, resolve_device(cfg.device), warn=warn)
+    if profile is None:
+        return cfg, None
+    applied = {k: v for k, v in profile["settings"].items() if k not in explicit}
+    if cfg.deterministic:
+        applied.pop("compile", None)  # --deterministic always wins over the profile
+    return dataclasses.replace(cfg, **applied), {**profile, "applied": applied}
+
+
+__all__ = [
+    "RESUMABLE_OVERRIDES", "ResolvedConfig", "TrainConfig", "build_parser", "from_dict", "load_yaml", "parse_args",
+    "resolve_config",
+]

@@ -43,7 +43,6 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> None:
-    # gloo has no float64 all-reduce on every build; sum in the tensor's own dtype otherwise
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 

@@ -14,8 +14,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import yaml
 
-from .checkpoint import CheckpointError, atomic_write, load_weights, save_weights
+from .checkpoint import CheckpointError, check_metadata, load_weights, save_weights
+from .fileio import atomic_write, first_line
+from .inference import load_model
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -25,8 +28,6 @@ HUB_FILES = [WEIGHTS_NAME, CONFIG_NAME, CARD_NAME]
 
 def _recipe(checkpoint: Path) -> dict:
     """The training config saved beside a checkpoint (checkpoints/<run>/config.yaml), if there is one."""
-    import yaml
-
     f = checkpoint.parent / "config.yaml"
     if f.is_file():
         try:
@@ -80,9 +81,7 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Turn a training checkpoint (.safetensors from train.py) into a pretrained folder."""
     checkpoint = Path(checkpoint)
     state, meta = load_weights(checkpoint)
-    for key in ("model", "model_args", "classes", "mean", "std"):
-        if key not in meta:
-            raise CheckpointError(f"{checkpoint} lacks '{key}' in its metadata; export needs a checkpoint written by train.py")
+    check_metadata(meta, checkpoint)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = {
@@ -111,7 +110,7 @@ def _atomic_text(path: Path, text: str) -> None:
 
 def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:
     """Upload a pretrained folder; needs `huggingface-cli login` (or HF_TOKEN) first."""
-    from huggingface_hub import HfApi, get_token
+    from huggingface_hub import HfApi, get_token  # lazy: the Hub client is only needed to push
 
     if not get_token():
         raise CheckpointError("not logged in to the Hugging Face Hub; run `huggingface-cli login` or set HF_TOKEN, then push again")
@@ -120,7 +119,7 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:
         api.create_repo(repo_id, exist_ok=True, private=private)
         info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, allow_patterns=HUB_FILES)
     except Exception as err:  # network, permissions, bad repo id: one line, the local folder stays as it is
-        raise CheckpointError(f"could not push {folder} to {repo_id} ({str(err).splitlines()[0]}); the local folder is intact") from None
+        raise CheckpointError(f"could not push {folder} to {repo_id} ({first_line(err)}); the local folder is intact") from None
     return str(getattr(info, "commit_url", repo_id))
 
 
@@ -135,12 +134,12 @@ def resolve_pretrained(spec: str, cache_dir: str | None = None) -> Path:
         return path.parent
     if spec.count("/") != 1 or spec.startswith((".", "/")):
         raise CheckpointError(f"--pretrained {spec}: no such folder, and not a Hub repo id of the form owner/name")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # lazy: only needed for a Hub repo id
 
     try:
         return Path(snapshot_download(repo_id=spec, allow_patterns=HUB_FILES, cache_dir=cache_dir))
     except Exception as err:  # offline, unknown repo, gated: say which, in one line
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         raise CheckpointError(
             f"could not fetch '{spec}' from the Hugging Face Hub ({type(err).__name__}: {reason}); "
             "with no network, pass a local pretrained folder instead"
@@ -152,8 +151,6 @@ def from_pretrained(spec: str, device: torch.device | str = "cpu") -> nn.Module:
 
     The returned model carries `pretrained_config` (classes, normalization, accuracy).
     """
-    from .inference import load_model
-
     folder = resolve_pretrained(spec)
     loaded = load_model(folder / WEIGHTS_NAME, device)
     config_file = folder / CONFIG_NAME

@@ -9,8 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, load_weights
+from .checkpoint import CheckpointError, check_metadata, load_weights
 from .evaluation import EvalResult, confusion_counts
+from .fileio import first_line
 from .models import create_model
 from .system import autocast
 
@@ -64,14 +65,12 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
     """Rebuild the model a weights file names and load it strictly (any missing or extra key is an error)."""
     path = Path(path)
     state, meta = load_weights(path)
-    for key in ("model", "model_args", "classes", "mean", "std"):
-        if key not in meta:
-            raise CheckpointError(f"{path} lacks '{key}' in its metadata; it was not saved by train.py or export")
+    check_metadata(meta, path)
     model = create_model(meta["model"], **meta["model_args"])
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches
-        first = next((ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln), str(err).splitlines()[0])
+        first = next((ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln), first_line(err))
         raise CheckpointError(f"{path} does not fit {meta['model']} ({first})") from None
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(

@@ -8,33 +8,27 @@ fastest goes into a profile that train.py applies by default.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
-import sys
 import time
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .models import create_model
-from .system import autocast, cpu_flags, cpu_has_bf16, cpu_name, resolve_device, tune_malloc
-
-PROFILE_PATH = Path(".preactresnet") / "system_profile.json"
-PROFILE_FORMAT = 1
-# Settings a profile may choose; anything the user sets explicitly wins over it.
-PROFILE_KEYS = ("amp", "channels_last", "threads", "compile")
-
-
-def machine_fingerprint(device: torch.device) -> dict:
-    fp = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__.split("+")[0], "device": device.type}
-    if device.type == "cuda":
-        fp["gpu"] = torch.cuda.get_device_name(device)
-    return fp
+from .fileio import first_line
+from .models import check_model_name, create_model
+from .profile import write_profile
+from .system import (
+    autocast,
+    cpu_flags,
+    cpu_has_bf16,
+    cpu_name,
+    resolve_device,
+    tune_malloc,
+)
 
 
 def system_report(data_dir: str = "data", checkpoint_dir: str = "checkpoints") -> tuple[dict, list[str]]:
@@ -168,7 +162,7 @@ def measure(model_name: str, batch: int, device: torch.device, quick: bool, widt
         try:
             ips = time_setting(model_name, width_mult, batch, device, c, warmup, steps)
         except Exception as err:  # a setting this machine cannot run (compile without a compiler, say)
-            out(f"  skipped {describe(c)}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            out(f"  skipped {describe(c)}: {type(err).__name__}: {first_line(err, '')}")
             continue
         rows.append({**c, "images_per_sec": round(ips, 1)})
         out(f"  {describe(c):<52} {ips:10.1f} images/s")
@@ -189,62 +183,6 @@ def describe(c: dict) -> str:
     if c["compile"]:
         parts.append("torch.compile")
     return ", ".join(parts)
-
-
-def to_train_settings(row: dict) -> dict:
-    """The winning row as train.py settings (tf32 is fp32 math with TF32 matmuls: applied by train.py on GPU)."""
-    return {
-        "amp": "off" if row["amp"] in ("fp32", "tf32") else row["amp"],
-        "channels_last": row["channels_last"],
-        "threads": int(row.get("threads") or 0),
-        "compile": bool(row["compile"]),
-    }
-
-
-def write_profile(path: Path, device: torch.device, model: str, batch: int, rows: list[dict]) -> dict:
-    best = max(rows, key=lambda r: r["images_per_sec"])
-    profile = {
-        "format": PROFILE_FORMAT,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_fingerprint(device),
-        "model": model,
-        "batch_size": batch,
-        "settings": to_train_settings(best),
-        "tf32": best["amp"] == "tf32",
-        "cudnn_benchmark": bool(best.get("cudnn_benchmark", False)),
-        "measured": rows,
-    }
-    from .checkpoint import atomic_write
-
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(profile, indent=2) + "\n"))
-    return profile
-
-
-def load_profile(spec: str, model: str, device: torch.device, warn=print) -> dict | None:
-    """The profile train.py should apply, or None (off, missing, or made on another machine or model)."""
-    if spec == "off":
-        return None
-    path = PROFILE_PATH if spec == "auto" else Path(spec)
-    if not path.is_file():
-        if spec != "auto":
-            raise ValueError(f"--profile {path} not found; run python optimize_system.py first or pass --profile off")
-        return None
-    try:
-        profile = json.loads(path.read_text())
-        settings = profile["settings"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        warn(f"warning: ignoring system profile {path}: unreadable; rerun python optimize_system.py")
-        return None
-    here = machine_fingerprint(device)
-    if profile.get("format") != PROFILE_FORMAT or profile.get("machine") != here:
-        warn(f"warning: ignoring system profile {path}: made on another machine or PyTorch "
-             f"({profile.get('machine')}); rerun python optimize_system.py here")
-        return None
-    if profile.get("model") != model:
-        warn(f"warning: ignoring system profile {path}: measured for {profile.get('model')}, not {model}; "
-             f"run python optimize_system.py --model {model}")
-        return None
-    return {**profile, "path": str(path), "settings": {k: settings[k] for k in PROFILE_KEYS if k in settings}}
 
 
 def raise_priority(out=print) -> bool:
@@ -271,32 +209,12 @@ def env_lines(device: torch.device, profile: dict) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    ap = argparse.ArgumentParser(description="Report this machine, time training steps per setting, and save the fastest as the profile train.py uses.")
-    ap.add_argument("--model", default="preactresnet18")
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--width-mult", type=float, default=None, help="measure a narrower net (default: full, or 0.25 on CPU with --quick)")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--quick", action="store_true", help="fewer steps and settings: under a minute")
-    ap.add_argument("--profile", default=str(PROFILE_PATH), help="where to write the profile")
-    ap.add_argument("--no-priority", action="store_true", help="do not try to raise the process priority")
-    ap.add_argument("--data-dir", default="data")
-    ap.add_argument("--checkpoint-dir", default="checkpoints")
-    args = ap.parse_args(argv)
-    try:
-        from .models import canonical_name, list_models
-
-        model = canonical_name(args.model)
-        if model not in list_models():
-            raise ValueError(f"unknown --model '{args.model}'; choose one of: {', '.join(list_models())}")
-        if args.batch_size < 2:
-            raise ValueError(f"--batch-size must be >= 2, got {args.batch_size}")
-        device = resolve_device(args.device)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2)
+def run(args) -> None:
+    """optimize_system.py: report the machine, time every candidate, write the profile (cli.py parses the flags)."""
+    model = check_model_name(args.model)
+    if args.batch_size < 2:
+        raise ValueError(f"--batch-size must be >= 2, got {args.batch_size}")
+    device = resolve_device(args.device)
     tune_malloc()
     report, warnings = system_report(args.data_dir, args.checkpoint_dir)
     print("system:")
@@ -326,4 +244,4 @@ def main(argv: list[str] | None = None) -> None:
         print(line)
 
 
-__all__ = ["PROFILE_PATH", "load_profile", "main", "measure", "raise_priority", "system_report", "write_profile"]
+__all__ = ["measure", "raise_priority", "run", "system_report"]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .fileio import atomic_write
+
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # lazy: matplotlib is heavy and only figures need it
 
     matplotlib.use("Agg")  # no display needed, on servers and in CI
     import matplotlib.pyplot as plt
@@ -15,8 +17,6 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
-    from .checkpoint import atomic_write
-
     return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight"))
 
 

@@ -1,26 +1,39 @@
-"""The training loop: the spec's recipe, exact resume, atomic checkpoints, TensorBoard, CSV, curves."""
+"""The training loop: the spec's recipe, exact resume, atomic checkpoints, TensorBoard, CSV, curves.
+
+`resolve_config` (config.py) finishes the config once; `Trainer` builds data, model and optimization
+from it in small steps, then `fit` runs epochs of `train_steps`, each followed by evaluate, log and
+checkpoint.
+"""
 
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 import signal
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
+import yaml
+from timm.loss import SoftTargetCrossEntropy
+from tqdm.auto import tqdm
 
-from .checkpoint import find_run, load_state, save_state, save_weights, unwrap_model
-from .config import RESUMABLE_OVERRIDES, TrainConfig, from_dict, print_config
+from .checkpoint import WeightsMeta, save_state, save_weights
+from .config import ResolvedConfig, TrainConfig, resolve_config
 from .data import BatchAugment, TensorLoader, load_dataset
+from .distributed import DistInfo, all_reduce_sum, init_distributed
 from .evaluation import EvalResult, evaluate
+from .fileio import atomic_write
+from .hub import load_pretrained_into
 from .inference import predict_probs
 from .models import create_model
-from .whitening import whiten_stem_
+from .optim import build_ema, build_mixup, build_optimizer, build_scheduler
+from .plots import augmented_grid, training_curves
 from .system import (
     autocast,
     resolve_amp,
@@ -31,6 +44,12 @@ from .system import (
     set_rng_state,
     tune_malloc,
 )
+from .whitening import whiten_stem_
+
+__all__ = [
+    "EpochEval", "NonFiniteLoss", "NullWriter", "RunDirs", "StepStats", "StopFlag", "Trainer", "build_mixup",
+    "build_optimizer", "build_scheduler", "train",
+]
 
 
 class NonFiniteLoss(Exception):
@@ -44,100 +63,30 @@ class RunDirs:
     logs: Path
     figures: Path
 
-
-def resolve_resume(cfg: TrainConfig, explicit: dict) -> tuple[TrainConfig, dict | None, Path | None]:
-    """With --resume, the saved config wins; an explicit flag may only change what cannot alter results."""
-    if not cfg.resume:
-        return cfg, None, None
-    run_dir = find_run(cfg.resume, cfg.checkpoint_dir)
-    state = load_state(run_dir / "last.state.pt")
-    saved = from_dict(state["config"], where=f"{run_dir}/last.state.pt")
-    for key, value in explicit.items():
-        if key in RESUMABLE_OVERRIDES:
-            setattr(saved, key, value)
-        elif value != getattr(saved, key):
-            raise ValueError(
-                f"--{key.replace('_', '-')} {value} differs from {getattr(saved, key)} in the run being resumed "
-                f"({run_dir}); drop the flag, or start a new run without --resume"
-            )
-    saved.resume = cfg.resume
-    saved.run_name = run_dir.name
-    saved.checkpoint_dir = str(run_dir.parent)
-    return saved, state, run_dir
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> RunDirs:
+        name = cfg.run_name
+        return cls(name, Path(cfg.checkpoint_dir) / name, Path(cfg.log_dir) / name, Path(cfg.fig_dir) / name)
 
 
-def param_groups(cfg: TrainConfig, model: nn.Module) -> list[dict]:
-    """Weights get weight decay; BN parameters and biases none, and their own lr scale (timm's schedulers
-    multiply a group's lr by its 'lr_scale'). Under Muon, the classifier takes the AdamW fallback."""
-    weights, others, head = [], [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if param.ndim <= 1:
-            others.append(param)
-        elif cfg.optimizer == "muon" and name.startswith("head."):
-            head.append(param)
-        else:
-            weights.append(param)
-    groups = [{"params": weights, "weight_decay": cfg.weight_decay}]
-    if head:
-        groups.append({"params": head, "weight_decay": cfg.weight_decay, "use_fallback": True})
-    if others:
-        groups.append({"params": others, "weight_decay": 0.0, "lr_scale": cfg.bn_lr_scale})
-    return groups
+@dataclass
+class StepStats:
+    """What `train_steps` did: mean training loss, seconds (synchronized), images seen."""
+
+    loss: float
+    seconds: float
+    images: int
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module, lr_scale: float = 1) -> torch.optim.Optimizer:
-    from timm.optim import create_optimizer_v2
-
-    # timm's 'sgd' is Nesterov SGD; its 'muon' orthogonalizes conv/linear updates, AdamW for the rest.
-    extra = {"nesterov": True} if cfg.optimizer == "muon" else {}
-    optimizer = create_optimizer_v2(
-        param_groups(cfg, model), opt=cfg.optimizer, lr=cfg.lr * lr_scale, weight_decay=cfg.weight_decay,
-        momentum=cfg.momentum, **extra,
-    )
-    for group in optimizer.param_groups:
-        group["lr"] = cfg.lr * lr_scale * group.get("lr_scale", 1.0)
-    return optimizer
+@dataclass
+class EpochEval:
+    test: EvalResult
+    val: EvalResult | None = None
+    ema_test: EvalResult | None = None
+    ema_val: EvalResult | None = None
 
 
-def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, lr_scale: float = 1):
-    """Linear warmup from warmup_lr to lr, then cosine (or linear) decay to min_lr, counted in steps."""
-    from timm.scheduler import CosineLRScheduler, PolyLRScheduler
-
-    total = cfg.epochs * steps_per_epoch
-    warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total - 1)
-    common = dict(
-        t_initial=max(1, total - warmup),
-        lr_min=cfg.min_lr * lr_scale,
-        warmup_t=warmup,
-        warmup_lr_init=cfg.warmup_lr * lr_scale,
-        warmup_prefix=True,
-        t_in_epochs=False,
-    )
-    if cfg.schedule == "linear":  # polynomial decay of power 1: a straight line to min_lr
-        return PolyLRScheduler(optimizer, power=1.0, **common)
-    return CosineLRScheduler(optimizer, **common)
-
-
-def build_mixup(cfg: TrainConfig, num_classes: int):
-    """timm's Mixup builds every target, mixed or not, so label smoothing is applied exactly once."""
-    from timm.data import Mixup
-
-    mixup = Mixup(
-        mixup_alpha=cfg.mixup_alpha,
-        cutmix_alpha=cfg.cutmix_alpha,
-        prob=cfg.mix_prob,
-        switch_prob=cfg.mix_switch_prob,
-        mode="batch",
-        label_smoothing=cfg.label_smoothing,
-        num_classes=num_classes,
-    )
-    mixup.mixup_enabled = cfg.mixing
-    return mixup
-
-
-def use_channels_last(cfg: TrainConfig, device: torch.device, amp_dtype) -> bool:
+def use_channels_last(cfg: TrainConfig) -> bool:
     if cfg.channels_last != "auto":
         return cfg.channels_last == "on"
     # NHWC is what cuDNN's tensor-core kernels want; on the CPU (oneDNN, fp32) it measured 1.1-1.6x
@@ -145,8 +94,12 @@ def use_channels_last(cfg: TrainConfig, device: torch.device, amp_dtype) -> bool
     return True
 
 
-class _NullWriter:
-    """Stands in for TensorBoard's SummaryWriter on ranks other than 0."""
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
+class NullWriter:
+    """Stands in for TensorBoard's SummaryWriter on ranks other than 0 and in benchmarks."""
 
     def add_scalar(self, *args, **kwargs) -> None:
         pass
@@ -158,7 +111,7 @@ class _NullWriter:
         pass
 
 
-class _StopFlag:
+class StopFlag:
     """First Ctrl-C: finish the current step, save, exit. Second Ctrl-C: stop at once."""
 
     def __init__(self):
@@ -185,22 +138,46 @@ class _StopFlag:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, explicit: dict | None = None, out=print, command: str = ""):
-        from .distributed import init_distributed
+    """Everything one run needs, built from a finished config; `fit()` trains it."""
 
-        self.command = command
-        self.dist = init_distributed(cfg.device)
-        self.out = out if self.dist.is_main else (lambda *a, **k: None)
-        cfg, self.resume_state, resume_dir = resolve_resume(cfg, explicit or {})
-        cfg.validate()
-        self.cfg = cfg
-        if self.resume_state is None:  # a resumed run keeps the settings it was saved with
-            self._apply_profile(explicit or {})
+    def __init__(self, run: ResolvedConfig, dist: DistInfo | None = None, out=print, command: str = ""):
+        self.cfg, self.command = run.cfg, command
+        self.dist = dist or DistInfo()
+        self.out = out if self.dist.is_main else _silent
+        self._setup_process(run.profile)
+        self.dirs = RunDirs.of(self.cfg)
+        self._build_data()
+        self._build_model(fresh=run.state is None)
+        self._build_optimization()
+        self.meta = self._weights_meta()
+        self.writer, self.stop = NullWriter(), StopFlag()
+        self.start_epoch, self.step, self.history = 0, 0, []
+        self.best_metric, self.best_epoch = -1.0, -1
+        self.resumed_mid_epoch = False
+        if run.state is not None:
+            self._load_state(run.state, run.run_dir)
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, explicit: dict | None = None, out=print, command: str = "") -> Trainer:
+        """Start the process group (under torchrun), resolve the config once, build the trainer."""
+        dist = init_distributed(cfg.device)
+        run = resolve_config(cfg, explicit or {}, dist, warn=out if dist.is_main else _silent)
+        return cls(run, dist, out=out, command=command)
+
+    # -- construction -------------------------------------------------------------------------------
+    def _setup_process(self, profile: dict | None) -> None:
+        """Process-wide settings: allocator, seeds, determinism, threads, device, precision."""
+        cfg = self.cfg
         tune_malloc()
         seed_everything(cfg.seed)
         set_deterministic(cfg.deterministic)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        if profile is not None:
+            if profile.get("tf32") and not cfg.deterministic:
+                torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+            applied = ", ".join(f"{k}={v}" for k, v in profile["applied"].items()) or "nothing new"
+            self.out(f"using system profile {profile['path']} ({applied}); --profile off ignores it")
         self.device = resolve_device(cfg.device)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
@@ -208,24 +185,18 @@ class Trainer:
         # keeps the unscaled values, so a resume under another world size scales afresh.
         self.lr_scale = self.dist.world_size if self.dist.enabled and cfg.scale_lr else 1
         self.amp_dtype = resolve_amp(cfg.amp, self.device)
-        self.channels_last = use_channels_last(cfg, self.device, self.amp_dtype)
-        from .distributed import broadcast_object
+        self.channels_last = use_channels_last(cfg)
 
-        name = cfg.run_name or broadcast_object(f"{cfg.model}-{datetime.now():%Y%m%d-%H%M%S}", self.dist)
-        cfg.run_name = name
-        self.dirs = RunDirs(name, Path(cfg.checkpoint_dir) / name, Path(cfg.log_dir) / name, Path(cfg.fig_dir) / name)
-
+    def _build_data(self) -> None:
+        cfg, shard = self.cfg, dict(rank=self.dist.rank, world_size=self.dist.world_size)
         self.data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, val_size=cfg.val_size, seed=cfg.seed)
-        in_dtype = self.amp_dtype or torch.float32
-        train_tf = BatchAugment(cfg.augment(), self.data.mean, self.data.std, in_dtype, self.channels_last)
-        eval_tf = BatchAugment(None, self.data.mean, self.data.std, in_dtype, self.channels_last)
+        dtype, mean, std = self.amp_dtype or torch.float32, self.data.mean, self.data.std
+        train_tf = BatchAugment(cfg.augment(), mean, std, dtype, self.channels_last)
         self.train_loader = TensorLoader(
-            self.data.train_images, self.data.train_labels, cfg.batch_size,
-            train=True, transform=train_tf, device=self.device, seed=cfg.seed,
-            rank=self.dist.rank, world_size=self.dist.world_size, alternate_flip=cfg.alt_flip,
+            self.data.train_images, self.data.train_labels, cfg.batch_size, train=True, transform=train_tf,
+            device=self.device, seed=cfg.seed, alternate_flip=cfg.alt_flip, **shard,
         )
-        eval_batch = max(cfg.batch_size, 500)
-        shard = dict(rank=self.dist.rank, world_size=self.dist.world_size)
+        eval_tf, eval_batch = BatchAugment(None, mean, std, dtype, self.channels_last), max(cfg.batch_size, 500)
         self.test_loader = TensorLoader(
             self.data.test_images, self.data.test_labels, eval_batch, train=False, transform=eval_tf, device=self.device, **shard
         )
@@ -238,98 +209,57 @@ class Trainer:
         if cfg.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
 
+    def _build_model(self, fresh: bool) -> None:
+        """The network (pretrained or whitened start on a fresh run), on its device, wrapped for DDP/compile."""
+        cfg = self.cfg
         self.model_args = {
-            "num_classes": self.data.num_classes,
-            "width_mult": cfg.width_mult,
-            "drop_rate": cfg.drop_rate,
-            "zero_init_residual": cfg.zero_init_residual,
+            "num_classes": self.data.num_classes, "width_mult": cfg.width_mult,
+            "drop_rate": cfg.drop_rate, "zero_init_residual": cfg.zero_init_residual,
         }
         model = create_model(cfg.model, **self.model_args)
-        if cfg.pretrained and self.resume_state is None:
-            from .hub import load_pretrained_into
-
+        if fresh and cfg.pretrained:
             self.out(load_pretrained_into(model, cfg.model, cfg.pretrained))
-        if cfg.whiten_stem and self.resume_state is None and not cfg.pretrained:
+        elif fresh and cfg.whiten_stem:
             whiten_stem_(model, self.data.train_images, self.data.mean, self.data.std)
         self.model = model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         if self.dist.enabled and cfg.sync_bn:
             if self.device.type == "cpu":
                 raise ValueError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm has no CPU kernel; drop --sync-bn")
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.forward, self.reduce = self.model, None  # what a step calls; how counts are summed over ranks
+        if self.dist.enabled:
+            ids = [self.dist.local_rank] if self.device.type == "cuda" else None
+            self.forward = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)  # broadcasts rank 0's weights
+            seed_everything(cfg.seed + self.dist.rank)  # different dropout masks on each rank
+            self.reduce = all_reduce_sum
+        if cfg.compile:
+            self.forward = torch.compile(self.forward)
+
+    def _build_optimization(self) -> None:
+        cfg = self.cfg
         self.optimizer = build_optimizer(cfg, self.model, self.lr_scale)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.steps_per_epoch, self.lr_scale)
         self.mixup = build_mixup(cfg, self.data.num_classes)
-        from timm.loss import SoftTargetCrossEntropy
-        from timm.utils import ModelEmaV3
-
         self.criterion = SoftTargetCrossEntropy()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup) if cfg.ema else None
-        self.forward = self.model
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
+        self.ema = build_ema(cfg, self.model)
 
-            ids = [self.dist.local_rank] if self.device.type == "cuda" else None
-            self.forward = DistributedDataParallel(self.model, device_ids=ids)  # broadcasts rank 0's weights
-            seed_everything(cfg.seed + self.dist.rank)  # different dropout masks on each rank
-        if cfg.compile:
-            self.forward = torch.compile(self.forward)
-        self.reduce = None
-        if self.dist.enabled:
-            from .distributed import all_reduce_sum
-
-            self.reduce = all_reduce_sum
-
-        self.start_epoch, self.step, self.history = 0, 0, []
-        self.best_metric, self.best_epoch = -1.0, -1
-        self.resumed_mid_epoch = False
-        if self.resume_state is not None:
-            self._load_state(self.resume_state, resume_dir)
-
-    def _apply_profile(self, explicit: dict) -> None:
-        """optimize_system.py's measured winner, for every setting the user did not give explicitly."""
-        from .optimize import load_profile
-
-        profile = load_profile(self.cfg.profile, self.cfg.model, resolve_device(self.cfg.device), warn=self.out)
-        if profile is None:
-            return
-        applied = {k: v for k, v in profile["settings"].items() if k not in explicit}
-        if self.cfg.deterministic:
-            applied.pop("compile", None)  # --deterministic always wins over the profile
-        for key, value in applied.items():
-            setattr(self.cfg, key, value)
-        if profile.get("tf32") and not self.cfg.deterministic:
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        self.out(f"using system profile {profile['path']} ({', '.join(f'{k}={v}' for k, v in applied.items()) or 'nothing new'}); "
-                 "--profile off ignores it")
+    def _weights_meta(self) -> WeightsMeta:
+        return WeightsMeta(
+            model=self.cfg.model, model_args=self.model_args, classes=self.data.classes, mean=list(self.data.mean),
+            std=list(self.data.std), dataset=self.cfg.dataset, data_dir=self.cfg.data_dir, run=self.dirs.name,
+            data_description=f"{self.cfg.dataset} test split ({len(self.data.test_labels)} images from {self.data.source})",
+            command=self.command,
+        )
 
     # -- state ------------------------------------------------------------------------------------
-    def _weights_metadata(self, epoch: int, result: EvalResult | None, split: str) -> dict:
-        meta = {
-            "model": self.cfg.model,
-            "model_args": self.model_args,
-            "classes": self.data.classes,
-            "mean": list(self.data.mean),
-            "std": list(self.data.std),
-            "dataset": self.cfg.dataset,
-            "data_dir": self.cfg.data_dir,
-            "run": self.dirs.name,
-            "epoch": epoch,
-            "data_description": f"{self.cfg.dataset} test split ({len(self.data.test_labels)} images from {self.data.source})",
-        }
-        if self.command:
-            meta["command"] = self.command
-        if result is not None:
-            meta[f"{split}_accuracy"] = round(result.accuracy, 4)
-        return meta
-
     def _state(self, epoch: int) -> dict:
         return {
             "format": 1,
             "config": self.cfg.to_dict(),
             "epoch": epoch,
             "step": self.step,
-            "model": unwrap_model(self.model).state_dict(),
+            "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
@@ -347,7 +277,7 @@ class Trainer:
     def _load_state(self, state: dict, run_dir: Path) -> None:
         if state["model_args"]["num_classes"] != self.data.num_classes:
             raise ValueError(f"{run_dir} was trained on {state['model_args']['num_classes']} classes, this data has {self.data.num_classes}")
-        unwrap_model(self.model).load_state_dict(state["model"])
+        self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema") is not None:
@@ -369,17 +299,203 @@ class Trainer:
             return
         save_state(self.dirs.checkpoints / "last.state.pt", self._state(epoch))
         last = self.history[-1] if self.history else {}
-        meta = self._weights_metadata(epoch, None, "test")
-        if "test_acc" in last:
-            meta["test_accuracy"] = last["test_acc"]
-        save_weights(self.dirs.checkpoints / "last.safetensors", unwrap_model(self.model).state_dict(), meta)
+        meta = self.meta.at(epoch, test_accuracy=last.get("test_acc"))
+        save_weights(self.dirs.checkpoints / "last.safetensors", self.model.state_dict(), meta)
         if self.ema is not None:
-            save_weights(self.dirs.checkpoints / "ema.safetensors", self.ema.module.state_dict(), {**meta, "ema": True})
+            ema_meta = self.meta.at(epoch, ema=True, test_accuracy=last.get("ema_test_acc"))
+            save_weights(self.dirs.checkpoints / "ema.safetensors", self.ema.module.state_dict(), ema_meta)
 
     # -- loop -------------------------------------------------------------------------------------
+    @property
+    def _bars(self) -> bool | None:
+        """tqdm's `disable`: None draws bars on a terminal only, never into a log file."""
+        return None if self.cfg.progress and self.dist.is_main else True
+
     def fit(self) -> dict:
         cfg = self.cfg
-        print_config(cfg, file=sys.stdout)
+        self._announce()
+        self._open_outputs()
+        epochs = tqdm(range(self.start_epoch, cfg.epochs), desc="epochs", disable=self._bars, initial=self.start_epoch, total=cfg.epochs)
+        final: EvalResult | None = None
+        with self.stop:
+            for epoch in epochs:
+                final = self.run_epoch(epoch)
+                epochs.set_postfix(test_acc=f"{final.accuracy:.2f}")
+        self.writer.close()
+        self._write_curves()
+        if final is None:  # resumed a finished run
+            final = evaluate(self.model, self.test_loader, self.data.num_classes, self.amp_dtype, self.reduce)
+        return self._report(final)
+
+    def run_epoch(self, epoch: int) -> EvalResult:
+        """Train what is left of `epoch`, then evaluate, log and checkpoint; returns the test result."""
+        if not self.resumed_mid_epoch:
+            self.train_loader.set_epoch(epoch)
+        self.resumed_mid_epoch = False
+        self.mixup.mixup_enabled = self.cfg.mixing and epoch < self.cfg.epochs - self.cfg.mix_off_epochs
+        epoch_start = time.perf_counter()
+        stats = self.train_steps(self.steps_per_epoch - self.train_loader.batch, epoch)
+        if self.stop.stop:
+            self._save_and_stop(epoch)
+        results = self.evaluate_epoch()
+        row = self.log_epoch(epoch, stats, results, epoch_start)
+        self.checkpoint_epoch(epoch, results)
+        self._print_epoch(epoch, row, results)
+        return results.test
+
+    def train_steps(self, n: int, epoch: int = 0) -> StepStats:
+        """Up to `n` optimizer steps from the loader's current position (fewer if the stop flag is raised)."""
+        self.model.train()
+        bar = tqdm(total=n, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False, disable=self._bars)
+        loss_sum = torch.zeros((), device=self.device)
+        window = torch.zeros((), device=self.device)
+        count, in_window = 0, 0
+        start = time.perf_counter()
+        for x, y in itertools.islice(self.train_loader, n):
+            loss = self._step(x, y)
+            loss_sum += loss
+            window += loss
+            count, in_window = count + 1, in_window + 1
+            bar.update(1)
+            if self.step % self.cfg.log_interval == 0:
+                self._log_window((window / in_window).item(), epoch, bar)  # .item() only at the log interval
+                window.zero_()
+                in_window = 0
+            if self.stop.stop:
+                break
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        bar.close()
+        mean_loss = (loss_sum / max(count, 1)).item()
+        self._check_finite(mean_loss, epoch)
+        return StepStats(mean_loss, seconds, count * self.cfg.batch_size)
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on a batch; returns the (detached) loss without synchronizing."""
+        x, target = self.mixup(x, y)
+        with autocast(self.device, self.amp_dtype):
+            logits = self.forward(x)
+        loss = self.criterion(logits.float(), target)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        self.scheduler.step_update(num_updates=self.step)
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.step)
+        return loss.detach()
+
+    def _log_window(self, value: float, epoch: int, bar) -> None:
+        self._check_finite(value, epoch)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.writer.add_scalar("train/loss", value, self.step)
+        self.writer.add_scalar("train/lr", lr, self.step)
+        bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.4f}")
+
+    def _check_finite(self, value: float, epoch: int) -> None:
+        if not math.isfinite(value):
+            raise NonFiniteLoss(
+                f"training loss became {value} in epoch {epoch + 1} (step {self.step}); stopped without saving, "
+                f"so {self.dirs.checkpoints}/last.* still holds the last good epoch. Lower --lr or set --grad-clip"
+            )
+
+    def _save_and_stop(self, epoch: int) -> None:
+        self.save_last(epoch)
+        self.out(f"interrupted: saved {self.dirs.checkpoints}/last.state.pt; continue with "
+                 f"python train.py --resume {self.dirs.checkpoints}")
+        self._write_curves()
+        self.writer.close()
+        raise KeyboardInterrupt
+
+    # -- end of an epoch: evaluate, log, checkpoint --------------------------------------------------
+    def evaluate_epoch(self) -> EpochEval:
+        """Test (and validation) accuracy of the model and, with --ema, of its EMA."""
+        k, amp, reduce = self.data.num_classes, self.amp_dtype, self.reduce
+        result = EpochEval(test=evaluate(self.model, self.test_loader, k, amp, reduce))
+        if self.val_loader is not None:
+            result.val = evaluate(self.model, self.val_loader, k, amp, reduce)
+        if self.ema is not None:
+            result.ema_test = evaluate(self.ema.module, self.test_loader, k, amp, reduce)
+            if self.val_loader is not None:
+                result.ema_val = evaluate(self.ema.module, self.val_loader, k, amp, reduce)
+        return result
+
+    def log_epoch(self, epoch: int, stats: StepStats, ev: EpochEval, epoch_start: float) -> dict:
+        """One row of metrics.csv, and the same figures in TensorBoard."""
+        row = {
+            "epoch": epoch + 1,
+            "step": self.step,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": round(stats.loss, 6),
+            "test_loss": round(ev.test.loss, 6),
+            "test_acc": round(ev.test.accuracy, 4),
+            "images_per_sec": round(stats.images / max(stats.seconds, 1e-9), 1),
+            "epoch_seconds": round(stats.seconds, 2),
+            # wall time since the run began, evaluation included: what "time to accuracy" means
+            "elapsed_seconds": round((self.history[-1]["elapsed_seconds"] if self.history else 0.0)
+                                     + time.perf_counter() - epoch_start, 2),
+        }
+        for name, result in (("val", ev.val), ("ema_test", ev.ema_test), ("ema_val", ev.ema_val)):
+            if result is not None:
+                row[f"{name}_acc"] = round(result.accuracy, 4)
+                if name == "val":
+                    row["val_loss"] = round(result.loss, 6)
+        self._write_scalars(row, stats, ev)
+        self.history.append(row)
+        if self.dist.is_main:
+            self._write_csv()
+        return row
+
+    def _write_scalars(self, row: dict, stats: StepStats, ev: EpochEval) -> None:
+        w, step = self.writer, self.step
+        w.add_scalar("train/epoch_loss", stats.loss, step)
+        w.add_scalar("train/lr", row["lr"], step)
+        w.add_scalar("test/loss", ev.test.loss, step)
+        w.add_scalar("test/accuracy", ev.test.accuracy, step)
+        for c, acc in zip(self.data.classes, ev.test.per_class):
+            w.add_scalar(f"test_per_class/{c}", acc, step)
+        w.add_scalar("perf/images_per_sec", row["images_per_sec"], step)
+        w.add_scalar("perf/epoch_seconds", stats.seconds, step)
+        if ev.val is not None:
+            w.add_scalar("val/loss", ev.val.loss, step)
+            w.add_scalar("val/accuracy", ev.val.accuracy, step)
+        if ev.ema_test is not None:
+            w.add_scalar("test/ema_accuracy", ev.ema_test.accuracy, step)
+        if ev.ema_val is not None:
+            w.add_scalar("val/ema_accuracy", ev.ema_val.accuracy, step)
+        w.flush()
+
+    def checkpoint_epoch(self, epoch: int, ev: EpochEval) -> None:
+        """best.safetensors when the chosen split improved (raw or EMA, whichever is better on val), then last."""
+        (chosen, split), weights, test = ((ev.val, "val") if ev.val is not None else (ev.test, "test")), self.model, ev.test
+        if ev.ema_val is not None and ev.ema_val.accuracy > ev.val.accuracy:  # judged on val only, never on test
+            chosen, weights, test = ev.ema_val, self.ema.module, ev.ema_test
+        if chosen.accuracy > self.best_metric:
+            self.best_metric, self.best_epoch = chosen.accuracy, epoch + 1
+            accuracies = {f"{split}_accuracy": chosen.accuracy, "test_accuracy": test.accuracy}
+            meta = self.meta.at(epoch + 1, ema=weights is not self.model, **accuracies)
+            if self.dist.is_main:
+                save_weights(self.dirs.checkpoints / "best.safetensors", weights.state_dict(), meta)
+        self.train_loader.set_epoch(epoch + 1)  # the state saved is "start of the next epoch"
+        self.save_last(epoch + 1)
+
+    def _print_epoch(self, epoch: int, row: dict, ev: EpochEval) -> None:
+        extra = f", val {ev.val.accuracy:.2f}%" if ev.val is not None else ""
+        extra += f", EMA test acc {ev.ema_test.accuracy:.2f}%" if ev.ema_test is not None else ""
+        self.out(
+            f"epoch {epoch + 1}/{self.cfg.epochs}: train loss {row['train_loss']:.4f}, test loss {ev.test.loss:.4f}, "
+            f"test acc {ev.test.accuracy:.2f}%{extra}, {row['images_per_sec']:.0f} img/s, {row['epoch_seconds']:.1f}s"
+        )
+
+    # -- outputs ------------------------------------------------------------------------------------
+    def _announce(self) -> None:
+        cfg = self.cfg
+        self.out("config:\n" + cfg.format())
         self.out(self.data.summary())
         self.out(
             f"device {self.device}, precision {self.amp_dtype or torch.float32}, channels_last {self.channels_last}, "
@@ -390,167 +506,19 @@ class Trainer:
         if self.dist.enabled:
             self.out(f"distributed: {self.dist.world_size} processes, global batch {cfg.batch_size * self.dist.world_size}, "
                      f"lr {cfg.lr * self.lr_scale:g}")
-        from tqdm.auto import tqdm
 
-        show = cfg.progress and self.dist.is_main
-        if self.dist.is_main:  # only rank 0 writes logs, figures and checkpoints
-            from torch.utils.tensorboard import SummaryWriter
+    def _open_outputs(self) -> None:
+        """Rank 0 writes the config, a grid of augmented images and the TensorBoard log."""
+        if not self.dist.is_main:
+            return
+        from torch.utils.tensorboard import SummaryWriter  # noqa: I001  (lazy: TensorBoard is heavy; rank 0 only)
 
-            self.dirs.checkpoints.mkdir(parents=True, exist_ok=True)
-            (self.dirs.checkpoints / "config.yaml").write_text(_yaml(cfg.to_dict()))
-            self._write_augmented_grid()
-            writer = SummaryWriter(str(self.dirs.logs), purge_step=self.step if self.step else None)
-        else:
-            writer = _NullWriter()
-        epochs = tqdm(range(self.start_epoch, cfg.epochs), desc="epochs", disable=not show, initial=self.start_epoch, total=cfg.epochs)
-        final: EvalResult | None = None
-        with _StopFlag() as stop:
-            for epoch in epochs:
-                if not self.resumed_mid_epoch:
-                    self.train_loader.set_epoch(epoch)
-                self.resumed_mid_epoch = False
-                self.mixup.mixup_enabled = cfg.mixing and epoch < cfg.epochs - cfg.mix_off_epochs
-                epoch_start = time.perf_counter()
-                train_loss, seconds, images = self._train_epoch(epoch, writer, stop, tqdm, show)
-                if stop.stop:
-                    self.save_last(epoch)
-                    self.out(f"interrupted: saved {self.dirs.checkpoints}/last.state.pt; continue with "
-                             f"python train.py --resume {self.dirs.checkpoints}")
-                    self._write_curves()
-                    writer.close()
-                    raise KeyboardInterrupt
-                final = self._end_epoch(epoch, train_loss, seconds, images, writer, epoch_start)
-                epochs.set_postfix(test_acc=f"{final.accuracy:.2f}")
-        writer.close()
-        self._write_curves()
-        if final is None:  # resumed a finished run
-            final = evaluate(self.model, self.test_loader, self.data.num_classes, self.amp_dtype, self.reduce)
-        return self._report(final)
+        self.dirs.checkpoints.mkdir(parents=True, exist_ok=True)
+        text = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+        atomic_write(self.dirs.checkpoints / "config.yaml", lambda tmp: tmp.write_text(text))
+        self._write_augmented_grid()
+        self.writer = SummaryWriter(str(self.dirs.logs), purge_step=self.step if self.step else None)
 
-    def _train_epoch(self, epoch: int, writer, stop: _StopFlag, tqdm, show: bool = True) -> tuple[float, float, int]:
-        cfg = self.cfg
-        model, opt = self.forward, self.optimizer
-        self.model.train()
-        first_batch = self.train_loader.batch
-        total = self.steps_per_epoch - first_batch
-        bar = tqdm(total=total, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not show)
-        loss_sum = torch.zeros((), device=self.device)
-        window = torch.zeros((), device=self.device)
-        n, n_window = 0, 0
-        start = time.perf_counter()
-        for i, (x, y) in enumerate(self.train_loader, start=first_batch):
-            if i >= self.steps_per_epoch:
-                break
-            x, target = self.mixup(x, y)
-            with autocast(self.device, self.amp_dtype):
-                logits = model(x)
-            loss = self.criterion(logits.float(), target)
-            opt.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if cfg.grad_clip > 0:
-                self.scaler.unscale_(opt)
-                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            self.scaler.step(opt)
-            self.scaler.update()
-            self.step += 1
-            self.scheduler.step_update(num_updates=self.step)
-            if self.ema is not None:
-                self.ema.update(self.model, step=self.step)
-            loss_sum += loss.detach()
-            window += loss.detach()
-            n += 1
-            n_window += 1
-            bar.update(1)
-            if self.step % cfg.log_interval == 0:
-                value = (window / n_window).item()  # the only sync inside the epoch
-                self._check_finite(value, epoch)
-                writer.add_scalar("train/loss", value, self.step)
-                writer.add_scalar("train/lr", opt.param_groups[0]["lr"], self.step)
-                bar.set_postfix(loss=f"{value:.3f}", lr=f"{opt.param_groups[0]['lr']:.4f}")
-                window.zero_()
-                n_window = 0
-            if stop.stop:
-                break
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        bar.close()
-        mean_loss = (loss_sum / max(n, 1)).item()
-        self._check_finite(mean_loss, epoch)
-        return mean_loss, seconds, n * cfg.batch_size
-
-    def _check_finite(self, value: float, epoch: int) -> None:
-        if not math.isfinite(value):
-            raise NonFiniteLoss(
-                f"training loss became {value} in epoch {epoch + 1} (step {self.step}); stopped without saving, "
-                f"so {self.dirs.checkpoints}/last.* still holds the last good epoch. Lower --lr or set --grad-clip"
-            )
-
-    def _end_epoch(self, epoch: int, train_loss: float, seconds: float, images: int, writer, epoch_start: float) -> EvalResult:
-        cfg, classes = self.cfg, self.data.classes
-        k, amp, reduce = self.data.num_classes, self.amp_dtype, self.reduce
-        test = evaluate(self.model, self.test_loader, k, amp, reduce)
-        val = evaluate(self.model, self.val_loader, k, amp, reduce) if self.val_loader else None
-        row = {
-            "epoch": epoch + 1,
-            "step": self.step,
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "train_loss": round(train_loss, 6),
-            "test_loss": round(test.loss, 6),
-            "test_acc": round(test.accuracy, 4),
-            "images_per_sec": round(images / max(seconds, 1e-9), 1),
-            "epoch_seconds": round(seconds, 2),
-            # wall time since the run began, evaluation included: what "time to accuracy" means
-            "elapsed_seconds": round((self.history[-1]["elapsed_seconds"] if self.history else 0.0)
-                                     + time.perf_counter() - epoch_start, 2),
-        }
-        writer.add_scalar("train/epoch_loss", train_loss, self.step)
-        writer.add_scalar("train/lr", row["lr"], self.step)
-        writer.add_scalar("test/loss", test.loss, self.step)
-        writer.add_scalar("test/accuracy", test.accuracy, self.step)
-        for c, acc in zip(classes, test.per_class):
-            writer.add_scalar(f"test_per_class/{c}", acc, self.step)
-        writer.add_scalar("perf/images_per_sec", row["images_per_sec"], self.step)
-        writer.add_scalar("perf/epoch_seconds", seconds, self.step)
-        if val is not None:
-            row.update(val_loss=round(val.loss, 6), val_acc=round(val.accuracy, 4))
-            writer.add_scalar("val/loss", val.loss, self.step)
-            writer.add_scalar("val/accuracy", val.accuracy, self.step)
-        ema_val = None
-        if self.ema is not None:
-            ema = evaluate(self.ema.module, self.test_loader, k, amp, reduce)
-            row["ema_test_acc"] = round(ema.accuracy, 4)
-            writer.add_scalar("test/ema_accuracy", ema.accuracy, self.step)
-            if val is not None:
-                ema_val = evaluate(self.ema.module, self.val_loader, k, amp, reduce)
-                row["ema_val_acc"] = round(ema_val.accuracy, 4)
-                writer.add_scalar("val/ema_accuracy", ema_val.accuracy, self.step)
-        writer.flush()
-        self.history.append(row)
-        if self.dist.is_main:
-            self._write_csv()
-
-        chosen, split, weights = (val, "val", self.model) if val is not None else (test, "test", self.model)
-        if ema_val is not None and ema_val.accuracy > val.accuracy:  # the better of raw/EMA, judged on val only
-            chosen, weights = ema_val, self.ema.module
-        if chosen.accuracy > self.best_metric:
-            self.best_metric, self.best_epoch = chosen.accuracy, epoch + 1
-            meta = self._weights_metadata(epoch + 1, chosen, split)
-            meta["test_accuracy"] = round(test.accuracy if weights is self.model else ema.accuracy, 4)
-            meta["ema"] = weights is not self.model
-            if self.dist.is_main:
-                save_weights(self.dirs.checkpoints / "best.safetensors", unwrap_model(weights).state_dict(), meta)
-        self.train_loader.set_epoch(epoch + 1)  # the state saved is "start of the next epoch"
-        self.save_last(epoch + 1)
-        extra = f", val {val.accuracy:.2f}%" if val is not None else ""
-        extra += f", EMA test acc {row['ema_test_acc']:.2f}%" if self.ema is not None else ""
-        self.out(
-            f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, test loss {test.loss:.4f}, "
-            f"test acc {test.accuracy:.2f}%{extra}, {row['images_per_sec']:.0f} img/s, {seconds:.1f}s"
-        )
-        return test
-
-    # -- outputs ------------------------------------------------------------------------------------
     def _write_csv(self) -> None:
         self.dirs.logs.mkdir(parents=True, exist_ok=True)
         keys = list(dict.fromkeys(k for row in self.history for k in row))
@@ -561,10 +529,6 @@ class Trainer:
 
     def _write_augmented_grid(self) -> Path:
         """What the model sees, drawn without touching any RNG the training run uses."""
-        import numpy as np
-
-        from .plots import augmented_grid
-
         np_state = np.random.get_state()  # timm's Mixup draws from numpy's global RNG
         mix_prob = self.mixup.mix_prob
         try:
@@ -588,14 +552,22 @@ class Trainer:
     def _write_curves(self) -> Path | None:
         if not self.history or not self.dist.is_main:
             return None
-        from .plots import training_curves
-
         return training_curves(self.history, self.dirs.figures / "training_curves.png", title=self.dirs.name)
+
+    def tta_accuracy(self) -> float | None:
+        """The final model's test accuracy averaged over the --tta views (None with --tta none)."""
+        if self.cfg.tta == "none":
+            return None
+        probs, labels = predict_probs(self.model, self.test_loader, self.cfg.tta, self.amp_dtype)
+        counts = torch.tensor([(probs.argmax(dim=1) == labels).sum().item(), len(labels)], dtype=torch.float64, device=self.device)
+        if self.reduce is not None:
+            self.reduce(counts)
+        return 100.0 * float(counts[0]) / max(float(counts[1]), 1.0)
 
     def _report(self, final: EvalResult) -> dict:
         split = "validation" if self.val_loader is not None else "test"
         self.out(f"\nfinal test accuracy: {final.accuracy:.2f}% ({final.correct}/{final.total}), test loss {final.loss:.4f}")
-        tta = self._tta_accuracy()
+        tta = self.tta_accuracy()
         if tta is not None:
             self.out(f"with {self.cfg.tta} TTA: {tta:.2f}% (the plain figure above is the headline)")
         self.out("per-class test accuracy:\n" + final.per_class_table(self.data.classes))
@@ -609,30 +581,12 @@ class Trainer:
             "log_dir": self.dirs.logs,
             "figure_dir": self.dirs.figures,
             "final": final,
+            "tta_accuracy": tta,
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
             "history": self.history,
-            "tta_accuracy": tta,
         }
-
-    def _tta_accuracy(self) -> float | None:
-        """The final model's test accuracy averaged over the --tta views (None with --tta none)."""
-        if self.cfg.tta == "none":
-            return None
-        probs, labels = predict_probs(self.model, self.test_loader, self.cfg.tta, self.amp_dtype)
-        correct = (probs.argmax(dim=1) == labels).sum().double().to(self.device)
-        total = torch.tensor(float(len(labels)), dtype=torch.float64, device=self.device)
-        if self.reduce is not None:
-            self.reduce(correct)
-            self.reduce(total)
-        return 100.0 * float(correct) / max(float(total), 1.0)
-
-
-def _yaml(values: dict) -> str:
-    import yaml
-
-    return yaml.safe_dump(values, sort_keys=False)
 
 
 def train(cfg: TrainConfig, explicit: dict | None = None, out=print, command: str = "") -> dict:
-    return Trainer(cfg, explicit, out=out, command=command).fit()
+    return Trainer.from_config(cfg, explicit, out=out, command=command).fit()

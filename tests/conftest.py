@@ -95,6 +95,6 @@ def png_bytes(img: torch.Tensor) -> bytes:
 @pytest.fixture(autouse=True)
 def no_system_profile(monkeypatch, tmp_path_factory):
     """Tests never pick up a profile that optimize_system.py wrote on this machine."""
-    import preactresnet.optimize as optimize
+    import preactresnet.profile as profile
 
-    monkeypatch.setattr(optimize, "PROFILE_PATH", tmp_path_factory.getbasetemp() / "no-profile" / "profile.json")
+    monkeypatch.setattr(profile, "PROFILE_PATH", tmp_path_factory.getbasetemp() / "no-profile" / "profile.json")

@@ -55,7 +55,7 @@ def _worker(rank: int, world: int, port: int, argv: list[str]) -> None:
 
     cfg, explicit = parse_args(argv)
     try:
-        Trainer(cfg, explicit, out=lambda *a: None).fit()
+        Trainer.from_config(cfg, explicit, out=lambda *a: None).fit()
     finally:
         cleanup()
 
@@ -89,7 +89,7 @@ def test_torchrun_launch_then_single_process_resume(tmp_path):
     from preactresnet.training import Trainer
 
     cfg, explicit = parse_args(["--resume", str(tmp_path / "ck" / "tr"), "--no-progress"])
-    result = Trainer(cfg, explicit, out=lambda *a: None).fit()
+    result = Trainer.from_config(cfg, explicit, out=lambda *a: None).fit()
     assert result["final"].total == 2000
 
 

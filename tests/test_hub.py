@@ -8,10 +8,9 @@ import torch
 
 import preactresnet
 from preactresnet.checkpoint import CheckpointError, read_metadata, save_weights
-from preactresnet.cli import main_export
+from preactresnet.cli import main_export, main_test
 from preactresnet.hub import export, load_pretrained_into
 from preactresnet.models import create_model
-from preactresnet.reports import main_test
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = {"num_classes": 10, "width_mult": 0.125, "drop_rate": 0.0, "zero_init_residual": False}

@@ -4,8 +4,10 @@ import os
 import pytest
 import torch
 
+from preactresnet.cli import main_optimize as main
 from preactresnet.config import parse_args
-from preactresnet.optimize import load_profile, main, measure, raise_priority, system_report, write_profile
+from preactresnet.optimize import measure, raise_priority, system_report
+from preactresnet.profile import load_profile, write_profile
 from preactresnet.training import Trainer
 
 CPU = torch.device("cpu")
@@ -39,12 +41,12 @@ def test_profile_round_trip_and_train_applies_it(rows, tmp_path):
     messages = []
     cfg, explicit = parse_args(["--data-dir", "sample", "--width-mult", "0.125", "--batch-size", "32", "--profile", str(path),
                                 "--checkpoint-dir", str(tmp_path / "ck"), "--log-dir", str(tmp_path / "runs")])
-    t = Trainer(cfg, explicit, out=messages.append)
+    t = Trainer.from_config(cfg, explicit, out=messages.append)
     assert t.cfg.amp == profile["settings"]["amp"] and t.cfg.channels_last == best["channels_last"]
     assert any("using system profile" in m for m in messages)
     # An explicit flag wins over the profile.
     cfg, explicit = parse_args(["--data-dir", "sample", "--width-mult", "0.125", "--profile", str(path), "--channels-last", "off"])
-    assert Trainer(cfg, explicit, out=lambda *a: None).channels_last is False
+    assert Trainer.from_config(cfg, explicit, out=lambda *a: None).channels_last is False
 
 
 def test_profile_from_another_machine_or_model_is_ignored(rows, tmp_path):
@@ -67,7 +69,7 @@ def test_deterministic_wins_over_profile_compile(rows, tmp_path):
     profile["settings"]["compile"] = True
     path.write_text(json.dumps(profile))
     cfg, explicit = parse_args(["--data-dir", "sample", "--width-mult", "0.125", "--profile", str(path), "--deterministic"])
-    assert Trainer(cfg, explicit, out=lambda *a: None).cfg.compile is False
+    assert Trainer.from_config(cfg, explicit, out=lambda *a: None).cfg.compile is False
 
 
 def test_priority_failure_is_a_warning(monkeypatch):

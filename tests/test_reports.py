@@ -6,8 +6,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from preactresnet.checkpoint import save_weights
+from preactresnet.cli import main_checkpoints, main_predict, main_test
 from preactresnet.models import create_model
-from preactresnet.reports import main_checkpoints, main_predict, main_test
 
 ARGS = {"num_classes": 10, "width_mult": 0.125, "drop_rate": 0.0, "zero_init_residual": False}
 

@@ -7,7 +7,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from preactresnet.checkpoint import CheckpointError, load_state, read_metadata, save_state, save_weights, unwrap_model
+from preactresnet.checkpoint import (
+    CheckpointError,
+    load_state,
+    read_metadata,
+    save_state,
+    save_weights,
+    unwrap_model,
+)
 from preactresnet.cli import main_train
 from preactresnet.config import TrainConfig, parse_args
 from preactresnet.training import NonFiniteLoss, Trainer, build_mixup, build_scheduler
@@ -27,7 +34,7 @@ def run_args(tmp_path, *extra):
 
 def trainer(tmp_path, *extra):
     cfg, explicit = parse_args(run_args(tmp_path, *extra))
-    return Trainer(cfg, explicit, out=lambda *a: None)
+    return Trainer.from_config(cfg, explicit, out=lambda *a: None)
 
 
 def test_end_to_end_on_the_sample(tmp_path):

@@ -10,11 +10,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import atomic_write
-from .sources import DataError, RawDataset, Source, download_official, read_source, resolve_source
+from ..fileio import atomic_write
+from .sources import (
+    DataError,
+    RawDataset,
+    Source,
+    download_official,
+    read_source,
+    resolve_source,
+)
 
 CACHE_VERSION = "1"
 
@@ -82,8 +89,6 @@ def _read_cache(path: Path, fingerprint: str) -> tuple[dict[str, torch.Tensor], 
     if not path.is_file():
         return None
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         if meta.get("fingerprint") != fingerprint:
@@ -127,30 +132,7 @@ def load_dataset(
     cache_path = Path(cache_dir) / f"{dataset}-{fingerprint[:16]}.safetensors"
 
     cached = _read_cache(cache_path, fingerprint)
-    if cached is None:
-        raw: RawDataset = read_source(source, dataset)
-        _check_raw(raw, source)
-        mean, std = channel_stats(raw.train_images)
-        tensors = {
-            "train_images": raw.train_images.contiguous(),
-            "train_labels": raw.train_labels,
-            "test_images": raw.test_images.contiguous(),
-            "test_labels": raw.test_labels,
-        }
-        meta = {
-            "fingerprint": fingerprint,
-            "checksum": _checksum(tensors),
-            "classes": json.dumps(raw.classes),
-            "mean": json.dumps(mean),
-            "std": json.dumps(std),
-            "source": str(source.path),
-        }
-        try:
-            atomic_write(cache_path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-        except OSError as err:
-            print(f"warning: could not write the data cache {cache_path} ({err}); continuing without it", file=sys.stderr)
-    else:
-        tensors, meta = cached
+    tensors, meta = cached if cached is not None else _build_cache(source, dataset, fingerprint, cache_path)
     ds = Dataset(
         tensors["train_images"],
         tensors["train_labels"],
@@ -163,6 +145,32 @@ def load_dataset(
         meta["source"],
     )
     return split_validation(ds, val_size, seed) if val_size else ds
+
+
+def _build_cache(source: Source, dataset: str, fingerprint: str, cache_path: Path) -> tuple[dict, dict]:
+    """Decode the source once, check it, and write the checksummed cache (a failed write is only a warning)."""
+    raw: RawDataset = read_source(source, dataset)
+    _check_raw(raw, source)
+    mean, std = channel_stats(raw.train_images)
+    tensors = {
+        "train_images": raw.train_images.contiguous(),
+        "train_labels": raw.train_labels,
+        "test_images": raw.test_images.contiguous(),
+        "test_labels": raw.test_labels,
+    }
+    meta = {
+        "fingerprint": fingerprint,
+        "checksum": _checksum(tensors),
+        "classes": json.dumps(raw.classes),
+        "mean": json.dumps(mean),
+        "std": json.dumps(std),
+        "source": str(source.path),
+    }
+    try:
+        atomic_write(cache_path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    except OSError as err:
+        print(f"warning: could not write the data cache {cache_path} ({err}); continuing without it", file=sys.stderr)
+    return tensors, meta
 
 
 def _check_raw(raw: RawDataset, source: Source) -> None:

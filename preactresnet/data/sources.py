@@ -18,6 +18,9 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import torch
+from PIL import Image
+
+from ..fileio import first_line
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 SPLITS = ("train", "test")
@@ -47,7 +50,7 @@ class OfficialRelease:
 
 def _official(dataset: str) -> OfficialRelease:
     # torchvision keeps the canonical URLs and checksums; we only borrow those, not its pickle loader.
-    from torchvision.datasets import CIFAR10, CIFAR100
+    from torchvision.datasets import CIFAR10, CIFAR100  # lazy: torchvision is heavy; only downloads need it
 
     if dataset == "cifar10":
         return OfficialRelease(
@@ -160,7 +163,7 @@ def read_official(path: Path, dataset: str) -> RawDataset:
 
 def download_official(data_dir: Path, dataset: str) -> Path:
     """Download the official archive into data_dir through torchvision (MD5-verified); return its path."""
-    from torchvision.datasets.utils import check_integrity, download_url
+    from torchvision.datasets.utils import check_integrity, download_url  # lazy: heavy, download only
 
     rel = _official(dataset)
     archive = data_dir / rel.archive
@@ -170,7 +173,7 @@ def download_official(data_dir: Path, dataset: str) -> Path:
         data_dir.mkdir(parents=True, exist_ok=True)
         download_url(rel.url, str(data_dir), rel.archive, rel.md5)
     except Exception as err:  # URLError, timeouts, DNS failures: all mean "no usable network"
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = first_line(err)
         raise DataError(
             f"could not download {dataset} from {rel.url} ({reason}); with no network, pass "
             f"--data-dir PATH to a copy you have (the official archive, its extracted folder, or a "
@@ -186,8 +189,6 @@ def download_official(data_dir: Path, dataset: str) -> Path:
 
 
 def _decode_image(data: bytes, where: str) -> np.ndarray:
-    from PIL import Image
-
     try:
         with Image.open(io.BytesIO(data)) as img:
             img = img.convert("RGB")
@@ -305,7 +306,7 @@ def resolve_source(data_dir: str | os.PathLike, dataset: str = "cifar10") -> Sou
             return Source("official", path)
         if (path / "train").is_dir() and (path / "test").is_dir():
             return Source("tree", path)
-        from torchvision.datasets.utils import check_integrity
+        from torchvision.datasets.utils import check_integrity  # lazy: heavy, official archives only
 
         if check_integrity(str(path / rel.archive), rel.md5):
             return Source("official", path / rel.archive)

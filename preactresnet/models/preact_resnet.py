@@ -132,35 +132,31 @@ class PreActResNet(ZooNet):
         return F.relu(self.final_norm(x))
 
 
-def _preact(block: str, layers: Sequence[int], **kwargs) -> PreActResNet:
-    return PreActResNet(block=block, layers=layers, **kwargs)
-
-
 @register_model
 def preactresnet18(**kwargs) -> PreActResNet:
     """PreActResNet-18: basic blocks [2, 2, 2, 2]."""
-    return _preact("basic", (2, 2, 2, 2), **kwargs)
+    return PreActResNet(block="basic", layers=(2, 2, 2, 2), **kwargs)
 
 
 @register_model
 def preactresnet34(**kwargs) -> PreActResNet:
     """PreActResNet-34: basic blocks [3, 4, 6, 3]."""
-    return _preact("basic", (3, 4, 6, 3), **kwargs)
+    return PreActResNet(block="basic", layers=(3, 4, 6, 3), **kwargs)
 
 
 @register_model
 def preactresnet50(**kwargs) -> PreActResNet:
     """PreActResNet-50: bottleneck blocks [3, 4, 6, 3]."""
-    return _preact("bottleneck", (3, 4, 6, 3), **kwargs)
+    return PreActResNet(block="bottleneck", layers=(3, 4, 6, 3), **kwargs)
 
 
 @register_model
 def preactresnet101(**kwargs) -> PreActResNet:
     """PreActResNet-101: bottleneck blocks [3, 4, 23, 3]."""
-    return _preact("bottleneck", (3, 4, 23, 3), **kwargs)
+    return PreActResNet(block="bottleneck", layers=(3, 4, 23, 3), **kwargs)
 
 
 @register_model
 def preactresnet152(**kwargs) -> PreActResNet:
     """PreActResNet-152: bottleneck blocks [3, 8, 36, 3]."""
-    return _preact("bottleneck", (3, 8, 36, 3), **kwargs)
+    return PreActResNet(block="bottleneck", layers=(3, 8, 36, 3), **kwargs)

@@ -21,6 +21,14 @@ def canonical_name(name: str) -> str:
     return name.strip().lower().replace("-", "_")
 
 
+def check_model_name(name: str, flag: str = "--model") -> str:
+    """The canonical name of a registered model, or a one-line error that lists the choices."""
+    key = canonical_name(name)
+    if key not in _MODELS:
+        raise ValueError(f"unknown {flag} '{name}'; choose one of: {', '.join(_MODELS)}")
+    return key
+
+
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Register a factory under its function name, here and in timm's registry."""
     name = fn.__name__
@@ -41,7 +49,7 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     factory.__doc__ = fn.__doc__
     _MODELS[name] = factory
     try:
-        from timm.models import register_model as timm_register
+        from timm.models import register_model as timm_register  # lazy: the zoo works without timm
     except ImportError:  # timm is a requirement, but the zoo itself does not need it
         return factory
     return timm_register(factory)
@@ -54,9 +62,7 @@ def list_models() -> list[str]:
 
 def create_model(name: str, **overrides) -> nn.Module:
     """Build a registered model by name; keyword arguments override the factory's defaults."""
-    key = canonical_name(name)
-    if key not in _MODELS:
-        raise ValueError(f"unknown model '{name}'; choose one of: {', '.join(_MODELS)}")
+    key = check_model_name(name, "model")
     try:
         return _MODELS[key](**overrides)
     except TypeError as err:  # an unknown keyword: say which model refused it

@@ -1,40 +1,44 @@
-"""test.py, test_with_checkpoints.py and predict.py: evaluate checkpoints, tabulate them, classify images."""
+"""The work behind test.py, test_with_checkpoints.py and predict.py: evaluate checkpoints, tabulate them,
+classify images, and print the reports (cli.py parses the flags and calls these)."""
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps
 
+from . import plots
 from .checkpoint import CheckpointError
 from .data import BatchAugment, DataError, TensorLoader, load_dataset
 from .data.sources import IMAGE_EXTENSIONS
-from .inference import TTA_MODES, LoadedModel, calibration, load_model, metrics_from_probs, predict_probs, resolve_checkpoint
+from .hub import WEIGHTS_NAME, resolve_pretrained
+from .inference import (
+    LoadedModel,
+    calibration,
+    load_model,
+    metrics_from_probs,
+    predict_probs,
+    resolve_checkpoint,
+    tta_views,
+)
 from .system import resolve_amp, resolve_device, tune_malloc
 
 
-def _fail(message: str, code: int = 2) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(code)
-
-
-def _test_loader(lm: LoadedModel, images, labels, device, batch_size: int, amp_dtype) -> TensorLoader:
+def eval_loader(lm: LoadedModel, images, labels, device, batch_size: int, amp_dtype) -> TensorLoader:
     # Normalization comes from the checkpoint, never from the data being evaluated.
     tf = BatchAugment(None, lm.mean, lm.std, amp_dtype or torch.float32, channels_last=True)
     return TensorLoader(images, labels, batch_size, train=False, transform=tf, device=device)
 
 
-def _weights_path(args: argparse.Namespace, ema: bool = False) -> Path:
+def weights_path(args: argparse.Namespace, ema: bool = False) -> Path:
     if args.pretrained:
         if args.checkpoint:
             raise CheckpointError("pass --checkpoint or --pretrained, not both")
-        from .hub import WEIGHTS_NAME, resolve_pretrained
-
         return resolve_pretrained(args.pretrained) / WEIGHTS_NAME
     return resolve_checkpoint(args.checkpoint, args.checkpoint_dir, ema)
 
@@ -66,40 +70,13 @@ def _confusion_text(confusion: torch.Tensor, classes: list[str]) -> str:
     return "\n".join([head, *rows])
 
 
-# ---------------------------------------------------------------------------------------------------
-# test.py
-
-
-def test_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description="Evaluate a checkpoint on the test set: accuracy, loss, per-class accuracy, confusion matrix.")
-    ap.add_argument("--checkpoint", help="a .safetensors file, a run folder or run name (default: the newest run's best)")
-    ap.add_argument("--pretrained", help="a pretrained folder or Hugging Face Hub repo id (instead of --checkpoint)")
-    ap.add_argument("--checkpoint-dir", default="checkpoints")
-    ap.add_argument("--data-dir", help="test data (default: the data the checkpoint was trained on)")
-    ap.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time augmentation; the plain figure is always printed too")
-    ap.add_argument("--ema", action="store_true", help="use the run's EMA weights (ema.safetensors)")
-    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
-    _add_eval_args(ap)
-    ap.add_argument("--no-figures", action="store_true")
-    return ap
-
-
-def _add_eval_args(ap: argparse.ArgumentParser) -> None:
-    """Settings test.py and test_with_checkpoints.py share."""
-    ap.add_argument("--download", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--amp", default="auto", help="auto, bf16, fp16 or off")
-    ap.add_argument("--batch-size", type=int, default=500)
-    ap.add_argument("--fig-dir", default="fig")
-
-
 def run_test(args: argparse.Namespace) -> dict:
     tune_malloc()
     device = resolve_device(args.device)
     amp_dtype = resolve_amp(args.amp, device)
-    lm = load_model(_weights_path(args, ema=args.ema), device)
+    lm = load_model(weights_path(args, ema=args.ema), device)
     ds, data_dir = _DataCache(args.data_dir, args.download).get(lm)
-    loader = _test_loader(lm, ds.test_images, ds.test_labels, device, args.batch_size, amp_dtype)
+    loader = eval_loader(lm, ds.test_images, ds.test_labels, device, args.batch_size, amp_dtype)
     probs, labels = predict_probs(lm.model, loader, "none", amp_dtype)
     plain = metrics_from_probs(probs, labels, len(lm.classes))
     tta = None
@@ -132,8 +109,6 @@ def run_test(args: argparse.Namespace) -> dict:
 
 
 def _test_figures(lm, ds, probs, labels, result, ece, table, fig_root: Path) -> list[str]:
-    from . import plots
-
     out = fig_root / (lm.meta.get("run") or lm.path.parent.name)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "confusion_matrix.csv", "w", newline="") as f:
@@ -173,35 +148,7 @@ def print_test_report(r: dict) -> None:
         print("figures: " + ", ".join(r["figures"]))
 
 
-def main_test(argv: list[str] | None = None) -> None:
-    args = test_parser().parse_args(argv)
-    try:
-        report = run_test(args)
-    except (CheckpointError, DataError, ValueError) as err:
-        _fail(str(err))
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print_test_report(report)
-
-
-# ---------------------------------------------------------------------------------------------------
-# test_with_checkpoints.py
-
-
-def checkpoints_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description="Evaluate every checkpoint given (files, run folders, or all of checkpoints/) and tabulate them.")
-    ap.add_argument("paths", nargs="*", help="checkpoint files or run folders (default: every run under --checkpoint-dir)")
-    ap.add_argument("--checkpoint-dir", default="checkpoints")
-    ap.add_argument("--log-dir", default="runs", help="where the runs' metrics.csv files are, for the per-epoch curves")
-    ap.add_argument("--data-dir", help="test data (default: each checkpoint's own)")
-    ap.add_argument("--sort", choices=("accuracy", "epoch", "name", "loss"), default="accuracy")
-    ap.add_argument("--json", action="store_true")
-    _add_eval_args(ap)
-    return ap
-
-
-def _collect(paths: list[str], checkpoint_dir: str) -> list[Path]:
+def collect_checkpoints(paths: list[str], checkpoint_dir: str) -> list[Path]:
     if not paths:
         root = Path(checkpoint_dir)
         if not root.is_dir():
@@ -224,13 +171,15 @@ def run_checkpoints(args: argparse.Namespace) -> list[dict]:
     amp_dtype = resolve_amp(args.amp, device)
     data = _DataCache(args.data_dir, args.download)
     rows = []
-    for path in _collect(args.paths, args.checkpoint_dir):
-        row = {"checkpoint": str(path), "model": "?", "run": path.parent.name, "epoch": None, "accuracy": None, "loss": None, "error": None}
+    for path in collect_checkpoints(args.paths, args.checkpoint_dir):
+        row = {"checkpoint": str(path), "model": "?", "run": path.parent.name, "epoch": None, "data": None,
+               "accuracy": None, "loss": None, "error": None}
         try:
             lm = load_model(path, device)
             row.update(model=lm.meta["model"], run=lm.meta.get("run", path.parent.name), epoch=lm.meta.get("epoch"))
-            ds, _ = data.get(lm)
-            loader = _test_loader(lm, ds.test_images, ds.test_labels, device, args.batch_size, amp_dtype)
+            ds, data_dir = data.get(lm)
+            row["data"] = f"{data_dir} ({len(ds.test_labels)} images)"  # rows on different test data must say so
+            loader = eval_loader(lm, ds.test_images, ds.test_labels, device, args.batch_size, amp_dtype)
             result = metrics_from_probs(*predict_probs(lm.model, loader, "none", amp_dtype), len(lm.classes))
             row.update(accuracy=round(result.accuracy, 4), loss=round(result.loss, 6))
         except (CheckpointError, DataError, ValueError) as err:
@@ -245,7 +194,7 @@ def run_checkpoints(args: argparse.Namespace) -> list[dict]:
     return sorted(rows, key=key)
 
 
-def _run_curves(log_dir: Path, runs: set[str]) -> dict[str, list[tuple[int, float]]]:
+def run_curves(log_dir: Path, runs: set[str]) -> dict[str, list[tuple[int, float]]]:
     curves = {}
     for run in runs:
         f = log_dir / run / "metrics.csv"
@@ -255,61 +204,8 @@ def _run_curves(log_dir: Path, runs: set[str]) -> dict[str, list[tuple[int, floa
     return curves
 
 
-def main_checkpoints(argv: list[str] | None = None) -> None:
-    args = checkpoints_parser().parse_args(argv)
-    try:
-        rows = run_checkpoints(args)
-    except (CheckpointError, DataError, ValueError) as err:
-        _fail(str(err))
-    good = [r for r in rows if r["error"] is None]
-    figure = None
-    if good:
-        from .plots import accuracy_by_epoch
-
-        runs: dict[str, list] = {}
-        for r in good:
-            if r["epoch"] is not None:
-                runs.setdefault(r["run"], []).append((r["epoch"], r["accuracy"]))
-        if runs:
-            figure = accuracy_by_epoch(runs, Path(args.fig_dir) / "checkpoints_accuracy.png", _run_curves(Path(args.log_dir), set(runs)))
-    if args.json:
-        print(json.dumps({"checkpoints": rows, "figure": str(figure) if figure else None}))
-    else:
-        width = max(len(r["checkpoint"]) for r in rows)
-        print(f"{'checkpoint':<{width}}  {'model':<17} {'epoch':>5}  {'accuracy':>8}  {'loss':>7}")
-        for r in rows:
-            if r["error"]:
-                print(f"{r['checkpoint']:<{width}}  error: {r['error']}")
-            else:
-                print(f"{r['checkpoint']:<{width}}  {r['model']:<17} {r['epoch'] if r['epoch'] is not None else '-':>5}  "
-                      f"{r['accuracy']:7.2f}%  {r['loss']:7.4f}")
-        if figure:
-            print(f"figure: {figure}")
-    if not good:
-        raise SystemExit(1)
-
-
-# ---------------------------------------------------------------------------------------------------
-# predict.py
-
-
-def predict_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description="Classify images (files or folders, any size or mode) with a trained checkpoint.")
-    ap.add_argument("images", nargs="+", help="image files or folders of images")
-    ap.add_argument("--checkpoint", help="a .safetensors file, a run folder or run name (default: the newest run's best)")
-    ap.add_argument("--pretrained", help="a pretrained folder or Hugging Face Hub repo id (instead of --checkpoint)")
-    ap.add_argument("--checkpoint-dir", default="checkpoints")
-    ap.add_argument("--top-k", type=int, default=3)
-    ap.add_argument("--tta", choices=TTA_MODES, default="none")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--json", action="store_true")
-    return ap
-
-
 def load_image(path: Path) -> torch.Tensor:
     """Any image -> uint8 3 x 32 x 32: RGB, shorter side resized to 32 (antialiased), centre crop."""
-    from PIL import Image, ImageOps
-
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img)
         if img.mode in ("RGBA", "LA", "P"):
@@ -321,7 +217,7 @@ def load_image(path: Path) -> torch.Tensor:
         return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
 
 
-def _image_files(specs: list[str]) -> list[Path]:
+def image_files(specs: list[str]) -> list[Path]:
     files = []
     for s in map(Path, specs):
         if s.is_dir():
@@ -331,19 +227,39 @@ def _image_files(specs: list[str]) -> list[Path]:
     return files
 
 
-def main_predict(argv: list[str] | None = None) -> None:
-    args = predict_parser().parse_args(argv)
-    try:
-        device = resolve_device(args.device)
-        lm = load_model(_weights_path(args), device)
-    except (CheckpointError, ValueError) as err:
-        _fail(str(err))
-    tf = BatchAugment(None, lm.mean, lm.std)
-    from .inference import tta_views
 
-    k = max(1, min(args.top_k, len(lm.classes)))
+
+def checkpoints_figure(rows: list[dict], fig_dir: str | Path, log_dir: str | Path) -> Path | None:
+    """Accuracy by epoch of every run in the table (with each run's metrics.csv curve where there is one)."""
+    runs: dict[str, list] = {}
+    for r in rows:
+        if r["error"] is None and r["epoch"] is not None:
+            runs.setdefault(r["run"], []).append((r["epoch"], r["accuracy"]))
+    if not runs:
+        return None
+    return plots.accuracy_by_epoch(runs, Path(fig_dir) / "checkpoints_accuracy.png", run_curves(Path(log_dir), set(runs)))
+
+
+def print_checkpoints_table(rows: list[dict], figure: Path | None) -> None:
+    width = max(len(r["checkpoint"]) for r in rows)
+    data_width = max([len("test data")] + [len(r["data"]) for r in rows if r["data"]])
+    print(f"{'checkpoint':<{width}}  {'model':<17} {'epoch':>5}  {'test data':<{data_width}}  {'accuracy':>8}  {'loss':>7}")
+    for r in rows:
+        if r["error"]:
+            print(f"{r['checkpoint']:<{width}}  error: {r['error']}")
+        else:
+            print(f"{r['checkpoint']:<{width}}  {r['model']:<17} {r['epoch'] if r['epoch'] is not None else '-':>5}  "
+                  f"{r['data']:<{data_width}}  {r['accuracy']:7.2f}%  {r['loss']:7.4f}")
+    if figure:
+        print(f"figure: {figure}")
+
+
+def predict_images(lm: LoadedModel, files: list[Path], device, tta: str, top_k: int, show: bool) -> tuple[list[dict], int]:
+    """Top-k classes of every image; unreadable files are reported on stderr and counted, not fatal."""
+    tf = BatchAugment(None, lm.mean, lm.std)
+    k = max(1, min(top_k, len(lm.classes)))
     results, failed = [], 0
-    for path in _image_files(args.images):
+    for path in files:
         try:
             x = load_image(path)
         except Exception as err:  # unreadable, missing, not an image: report it and go on
@@ -351,14 +267,11 @@ def main_predict(argv: list[str] | None = None) -> None:
             print(f"error: cannot read {path} ({type(err).__name__}: {err})", file=sys.stderr)
             continue
         with torch.no_grad():
-            views = tta_views(tf(x[None]).to(device), args.tta)
+            views = tta_views(tf(x[None]).to(device), tta)
             probs = sum(lm.model(v).float().softmax(dim=1) for v in views)[0] / len(views)
         top = probs.topk(k)
         preds = [{"class": lm.classes[int(i)], "probability": round(float(p), 4)} for p, i in zip(top.values, top.indices)]
         results.append({"image": str(path), "top": preds})
-        if not args.json:
+        if show:
             print(f"{path}: " + ", ".join(f"{p['class']} {100 * p['probability']:.1f}%" for p in preds))
-    if args.json:
-        print(json.dumps({"checkpoint": str(lm.path), "predictions": results}))
-    if failed:
-        raise SystemExit(1)
+    return results, failed

@@ -83,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run_one(args, row: str, seed: int, workdir: Path) -> dict:
     name = f"{row}-s{seed}"
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", args.config, "--data-dir", args.data_dir,
-           "--seed", str(seed), "--run-name", name, "--no-progress", "--tta", "flip", "--profile", "off",
+           "--seed", str(seed), f"--run-name={name}", "--no-progress", "--tta", "flip", "--profile", "off",
            "--checkpoint-dir", str(workdir / "checkpoints"), "--log-dir", str(workdir / "runs"),
            "--fig-dir", str(workdir / "fig"), *ROWS[row][1], *args.extra]
     start = time.perf_counter()

@@ -39,13 +39,11 @@ def param_groups(cfg: TrainConfig, model: nn.Module) -> list[dict]:
 def build_optimizer(cfg: TrainConfig, model: nn.Module, lr_scale: float = 1) -> torch.optim.Optimizer:
     # timm's 'sgd' is Nesterov SGD; its 'muon' orthogonalizes conv/linear updates, AdamW for the rest.
     extra = {"nesterov": True} if cfg.optimizer == "muon" else {}
-    optimizer = create_optimizer_v2(
+    # Every group starts at the base lr: the scheduler applies each group's 'lr_scale' from its first step on.
+    return create_optimizer_v2(
         param_groups(cfg, model), opt=cfg.optimizer, lr=cfg.lr * lr_scale, weight_decay=cfg.weight_decay,
         momentum=cfg.momentum, **extra,
     )
-    for group in optimizer.param_groups:
-        group["lr"] = cfg.lr * lr_scale * group.get("lr_scale", 1.0)
-    return optimizer
 
 
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, lr_scale: float = 1):

@@ -1,0 +1,175 @@
+"""The time-to-accuracy techniques: alternating flip, whitened stem, linear decay, BN/bias lr, Muon, EMA, TTA."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from test_training import interrupt_at, run_args, trainer
+
+from preactresnet.checkpoint import load_state, read_metadata
+from preactresnet.config import TrainConfig, build_parser
+from preactresnet.data import AugmentConfig, BatchAugment, TensorLoader
+from preactresnet.models import create_model, list_models
+from preactresnet.optim import build_ema, build_optimizer, build_scheduler
+from preactresnet.whitening import patch_whitening, stem_conv, whiten_stem_
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def _flip_only_loader(images, alternate: bool, seed: int = 0) -> TensorLoader:
+    aug = BatchAugment(AugmentConfig(crop_padding=0, jitter_prob=0, erase_prob=0), (0.5,) * 3, (0.25,) * 3)
+    labels = torch.arange(len(images))  # the label names the image, so batches can be matched across epochs
+    return TensorLoader(images, labels, 8, train=True, transform=aug, seed=seed, alternate_flip=alternate)
+
+
+def _by_image(loader: TensorLoader, epoch: int) -> dict[int, torch.Tensor]:
+    loader.set_epoch(epoch)
+    return {int(i): x for xb, yb in loader for i, x in zip(yb, xb)}
+
+
+def test_alternating_flip_mirrors_every_image_on_alternate_epochs(sample_dataset):
+    images = sample_dataset.train_images[:64]
+    loader = _flip_only_loader(images, alternate=True)
+    e0, e1, e2 = (_by_image(loader, e) for e in range(3))
+    assert e0.keys() == e1.keys() == e2.keys()
+    for i in e0:
+        assert torch.equal(e1[i], e0[i].flip(-1)), "epoch 1 shows the mirror of epoch 0"
+        assert torch.equal(e2[i], e0[i]), "epoch 2 shows epoch 0 again"
+    flipped = sum(not torch.equal(e0[i], _flip_only_loader(images, False).transform.normalize(images[i : i + 1])[0]) for i in e0)
+    assert 16 <= flipped <= 48, "the first epoch flips about half of the images (a seeded coin each)"
+    again = _by_image(_flip_only_loader(images, alternate=True), 0)
+    assert all(torch.equal(again[i], e0[i]) for i in e0), "the coins are a pure function of the seed"
+
+
+def test_patch_whitening_decorrelates_patches(sample_dataset):
+    x = sample_dataset.train_images[:500].float().div(255)
+    x = (x - x.mean(dim=(0, 2, 3), keepdim=True)) / x.std(dim=(0, 2, 3), keepdim=True)
+    filters = patch_whitening(x, (3, 3), eps=1e-6)
+    assert filters.shape == (54, 3, 3, 3)
+    assert torch.allclose(filters[27:], -filters[:27])
+    out = F.conv2d(x, filters[:12]).permute(1, 0, 2, 3).reshape(12, -1)
+    cov = out @ out.T / out.shape[1]
+    assert torch.allclose(cov, torch.eye(12), atol=0.05), "the top directions come out with unit variance, uncorrelated"
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_zoo_model_has_a_stem_to_whiten(name, sample_dataset):
+    model = create_model(name, width_mult=0.125)
+    stem = stem_conv(model)
+    before = stem.weight.detach().clone()
+    n = whiten_stem_(model, sample_dataset.train_images[:200], sample_dataset.mean, sample_dataset.std)
+    assert n == min(stem.out_channels // 2, 27) * 2
+    assert not torch.equal(stem.weight[:n], before[:n]) and torch.equal(stem.weight[n:], before[n:])
+
+
+def test_linear_schedule_and_bn_lr_scale():
+    cfg = TrainConfig(optimizer="sgd", lr=0.4, min_lr=0.0, warmup_epochs=1, warmup_lr=0.0, epochs=3,
+                      schedule="linear", bn_lr_scale=4.0, weight_decay=5e-4)
+    model = create_model("preactresnet18", width_mult=0.125)
+    opt = build_optimizer(cfg, model)
+    sched = build_scheduler(cfg, opt, steps_per_epoch=10)
+    weights, others = opt.param_groups[0], opt.param_groups[-1]
+    assert weights["weight_decay"] == 5e-4 and others["weight_decay"] == 0.0, "no weight decay on BN and biases"
+    bn_and_bias = {id(p) for n, p in model.named_parameters() if p.ndim <= 1}
+    assert {id(p) for p in others["params"]} == bn_and_bias
+    lrs = []
+    for step in range(31):
+        sched.step_update(num_updates=step)
+        lrs.append((weights["lr"], others["lr"]))
+    assert lrs[10][0] == pytest.approx(0.4) and lrs[20][0] == pytest.approx(0.2) and lrs[30][0] == pytest.approx(0.0)
+    assert all(b == pytest.approx(4 * a) for a, b in lrs), "BN/bias groups follow the schedule, 4x"
+
+
+def test_muon_trains_conv_weights_and_falls_back_for_the_rest(sample_dataset):
+    cfg = TrainConfig(optimizer="muon", lr=0.02, weight_decay=0.0)
+    model = create_model("preactresnet18", width_mult=0.125)
+    opt = build_optimizer(cfg, model)
+    assert type(opt).__name__ == "Muon"
+    head = [g for g in opt.param_groups if g.get("use_fallback")]
+    assert head and {id(p) for p in head[0]["params"]} == {id(model.head.fc.weight)}
+    x = sample_dataset.train_images[:64].float().div(255)
+    y = sample_dataset.train_labels[:64]
+    losses = []
+    for _ in range(8):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_ema_warmup_starts_fast():
+    model = torch.nn.Linear(2, 2)
+    ema = build_ema(TrainConfig(ema=True, ema_decay=0.999, ema_warmup=True), model)
+    assert ema.get_decay(10) < 0.9 < ema.get_decay(1000) <= 0.999
+    assert build_ema(TrainConfig(ema=False), model) is None
+
+
+def test_resume_is_exact_with_every_technique(tmp_path):
+    common = ["--epochs", "2", "--max-steps-per-epoch", "3", "--deterministic", "--alt-flip", "--whiten-stem",
+              "--ema", "--ema-warmup", "--schedule", "linear", "--bn-lr-scale", "2", "--optimizer", "muon",
+              "--lr", "0.02", "--tta", "flip"]
+    result = trainer(tmp_path, *common, "--run-name", "straight").fit()
+    assert result["tta_accuracy"] is not None and 0 <= result["tta_accuracy"] <= 100
+    a = trainer(tmp_path, *common, "--run-name", "split")
+    interrupt_at(a, 4)  # mid-epoch 2
+    with pytest.raises(KeyboardInterrupt):
+        a.fit()
+    trainer(tmp_path, "--resume", str(tmp_path / "ck" / "split")).fit()
+    for name in ("last.safetensors", "ema.safetensors"):
+        x, y = load_file(tmp_path / "ck" / "straight" / name), load_file(tmp_path / "ck" / "split" / name)
+        assert all(torch.equal(x[k], y[k]) for k in x), name
+    assert load_state(tmp_path / "ck" / "split" / "last.state.pt")["step"] == 6
+
+
+def test_best_checkpoint_is_the_better_of_raw_and_ema_on_validation(tmp_path):
+    t = trainer(tmp_path, "--epochs", "2", "--max-steps-per-epoch", "4", "--ema", "--ema-warmup", "--val-size", "500",
+                "--run-name", "v", "--tta", "none")
+    t.fit()
+    rows = t.history
+    best = max(rows, key=lambda r: max(r["val_acc"], r["ema_val_acc"]))
+    meta = read_metadata(tmp_path / "ck" / "v" / "best.safetensors")
+    assert meta["val_accuracy"] == pytest.approx(max(best["val_acc"], best["ema_val_acc"]), abs=1e-3)
+    assert meta["ema"] == (best["ema_val_acc"] > best["val_acc"])
+    assert meta["test_accuracy"] == pytest.approx(best["ema_test_acc"] if meta["ema"] else best["test_acc"], abs=1e-3)
+
+
+def test_every_train_setting_has_help_in_a_named_group():
+    parser = build_parser()
+    groups = {g.title: g for g in parser._action_groups}
+    for title in ("model", "data", "augmentation", "mixing and loss", "optimization", "schedule",
+                  "precision and speed", "output", "resume and reproducibility"):
+        assert groups[title]._group_actions, title
+    for action in parser._actions:
+        if action.dest not in ("help", "config"):
+            assert action.help and not action.help.startswith("(default"), action.dest
+
+
+def test_bad_technique_settings_are_one_line_errors(tmp_path, capsys):
+    from preactresnet.cli import main_train
+
+    for flags, message in ((["--schedule", "step"], "unknown --schedule 'step'"), (["--tta", "five"], "unknown --tta"),
+                           (["--bn-lr-scale", "0"], "--bn-lr-scale must be > 0")):
+        with pytest.raises(SystemExit) as exc:
+            main_train(run_args(tmp_path, *flags))
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_recipe_ablation_writes_rows_and_a_table(tmp_path):
+    out = tmp_path / "r.jsonl"
+    cmd = [sys.executable, str(ROOT / "bench" / "recipe.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
+           "--seeds", "0", "--rows", "recipe,-whiten", "--out", str(out), "--workdir", str(tmp_path / "w"),
+           "--extra", "--epochs", "1", "--max-steps-per-epoch", "2", "--amp", "off"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["row"] for r in rows] == ["recipe", "-whiten"] and all(0 <= r["test_acc"] <= 100 for r in rows)
+    assert "| recipe |" in done.stdout and "| -whiten |" in done.stdout

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from .budget import parse_duration
 from .checkpoint import find_run, load_state
 from .data.augment import AugmentConfig
 from .distributed import DistInfo, broadcast_object
@@ -79,6 +80,8 @@ class TrainConfig:
     warmup_lr: float = setting(1e-5, S, "learning rate at step 0, rising linearly to lr")
     schedule: str = setting("cosine", S, "decay after warmup: cosine | linear, down to min_lr")
     min_lr: float = setting(0.0, S, "learning rate at the end of the decay")
+    time_budget: str = setting("", S, "train as long as fits this wall-clock budget here instead of --epochs: 90s, 10m, 2h, 1h30m")
+    total_steps: int = setting(0, S, "stop after this many optimizer steps, schedule fitted to them (0: epochs x steps/epoch)")
     device: str = setting("auto", P, "auto | cpu | cuda | cuda:N")
     amp: str = setting("auto", P, "mixed precision: auto (bf16 where the hardware has it) | bf16 | fp16 | off")
     channels_last: str = setting("auto", P, "NHWC memory format: auto | on | off")
@@ -133,6 +136,7 @@ class TrainConfig:
             (0 < self.ema_decay < 1, f"--ema-decay must be in (0, 1), got {self.ema_decay}"),
             (self.schedule in SCHEDULES, f"unknown --schedule '{self.schedule}'; choose one of: {', '.join(SCHEDULES)}"),
             (self.tta in TTA_CHOICES, f"unknown --tta '{self.tta}'; choose one of: {', '.join(TTA_CHOICES)}"),
+            (self.total_steps >= 0, f"--total-steps must be >= 0, got {self.total_steps}"),
             (self.bn_lr_scale > 0, f"--bn-lr-scale must be > 0, got {self.bn_lr_scale}"),
             (self.channels_last in ("auto", "on", "off"), f"--channels-last must be auto, on or off, got '{self.channels_last}'"),
             (self.dataset in ("cifar10", "cifar100"), f"unknown --dataset '{self.dataset}'; use cifar10 or cifar100"),
@@ -143,6 +147,8 @@ class TrainConfig:
             if not ok:
                 raise ValueError(message)
         self.augment()  # its own range checks
+        if self.time_budget:
+            parse_duration(self.time_budget)
 
     @property
     def mixing(self) -> bool:
@@ -225,7 +231,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, dict]:
     """Return the resolved config and the settings given explicitly (YAML or flags)."""
     args = vars(build_parser().parse_args(argv))
     config_path = args.pop("config", None)
+    if "time_budget" in args and ({"epochs", "total_steps"} & set(args)):
+        raise ValueError("--time-budget chooses the epochs itself; give --time-budget or --epochs/--total-steps, not both")
     explicit = load_yaml(config_path) if config_path else {}
+    if {"epochs", "total_steps"} & set(args) and "time_budget" not in args:
+        explicit.pop("time_budget", None)  # a flag's epoch count wins over a recipe's budget
     explicit.update(args)
     cfg = from_dict(explicit, where=config_path or "flags")
     return cfg, explicit
@@ -239,6 +249,7 @@ class ResolvedConfig:
     state: dict | None = None  # the training state to resume from
     run_dir: Path | None = None  # the run being resumed
     profile: dict | None = None  # the system profile applied (its 'applied' settings, 'path', 'tf32')
+    budget: dict | None = None  # --time-budget: what calibration measured and chose
 
 
 def resolve_config(cfg: TrainConfig, explicit: dict, dist: DistInfo, warn=print) -> ResolvedConfig:
@@ -260,6 +271,8 @@ def _resumed_config(cfg: TrainConfig, explicit: dict) -> tuple[TrainConfig, dict
     state = load_state(run_dir / "last.state.pt")
     saved = from_dict(state["config"], where=f"{run_dir}/last.state.pt")
     for key, value in explicit.items():
+        if key == "epochs" and saved.time_budget:  # the budget chose the epochs; a recipe's count does not apply
+            continue
         if key in RESUMABLE_OVERRIDES:
             setattr(saved, key, value)
         elif value != getattr(saved, key):

@@ -48,7 +48,7 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, lr_scale: float = 1) -> 
 
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, lr_scale: float = 1):
     """Linear warmup from warmup_lr to lr, then cosine (or linear) decay to min_lr, counted in steps."""
-    total = cfg.epochs * steps_per_epoch
+    total = cfg.total_steps or cfg.epochs * steps_per_epoch
     warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total - 1)
     common = dict(
         t_initial=max(1, total - warmup),

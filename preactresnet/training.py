@@ -23,6 +23,7 @@ import yaml
 from timm.loss import SoftTargetCrossEntropy
 from tqdm.auto import tqdm
 
+from .budget import fit_to_budget
 from .checkpoint import WeightsMeta, save_state, save_weights
 from .config import ResolvedConfig, TrainConfig, resolve_config
 from .data import BatchAugment, TensorLoader, load_dataset
@@ -150,6 +151,7 @@ class Trainer:
         self._build_model(fresh=run.state is None)
         self._build_optimization()
         self.meta = self._weights_meta()
+        self.budget = run.budget  # --time-budget's calibration and choice, logged with every epoch
         self.writer, self.stop = NullWriter(), StopFlag()
         self.start_epoch, self.step, self.history = 0, 0, []
         self.best_metric, self.best_epoch = -1.0, -1
@@ -162,6 +164,8 @@ class Trainer:
         """Start the process group (under torchrun), resolve the config once, build the trainer."""
         dist = init_distributed(cfg.device)
         run = resolve_config(cfg, explicit or {}, dist, warn=out if dist.is_main else _silent)
+        if run.cfg.time_budget and not run.cfg.total_steps and run.state is None:
+            run, _ = fit_to_budget(cls(run, dist, out=_silent), run, dist, out=out if dist.is_main else _silent)
         return cls(run, dist, out=out, command=command)
 
     # -- construction -------------------------------------------------------------------------------
@@ -208,6 +212,7 @@ class Trainer:
         self.steps_per_epoch = len(self.train_loader)
         if cfg.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
+        self.total_steps = cfg.total_steps or cfg.epochs * self.steps_per_epoch
 
     def _build_model(self, fresh: bool) -> None:
         """The network (pretrained or whitened start on a fresh run), on its device, wrapped for DDP/compile."""
@@ -272,6 +277,7 @@ class Trainer:
             "mean": list(self.data.mean),
             "std": list(self.data.std),
             "model_args": self.model_args,
+            "budget": self.budget,
         }
 
     def _load_state(self, state: dict, run_dir: Path) -> None:
@@ -289,6 +295,7 @@ class Trainer:
         self.scheduler.step_update(num_updates=self.step)
         self.best_metric, self.best_epoch = float(state["best_metric"]), int(state["best_epoch"])
         self.history = list(state["history"])
+        self.budget = state.get("budget")
         self.resumed_mid_epoch = self.train_loader.batch > 0
         where = f"epoch {self.start_epoch + 1}" + (f", batch {self.train_loader.batch + 1}" if self.resumed_mid_epoch else "")
         self.out(f"resumed {run_dir} at {where} (step {self.step})")
@@ -334,7 +341,8 @@ class Trainer:
         self.resumed_mid_epoch = False
         self.mixup.mixup_enabled = self.cfg.mixing and epoch < self.cfg.epochs - self.cfg.mix_off_epochs
         epoch_start = time.perf_counter()
-        stats = self.train_steps(self.steps_per_epoch - self.train_loader.batch, epoch)
+        steps = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)  # the last may be partial
+        stats = self.train_steps(steps - self.train_loader.batch, epoch)
         if self.stop.stop:
             self._save_and_stop(epoch)
         results = self.evaluate_epoch()
@@ -445,6 +453,7 @@ class Trainer:
                 row[f"{name}_acc"] = round(result.accuracy, 4)
                 if name == "val":
                     row["val_loss"] = round(result.loss, 6)
+        row.update(self.budget or {})
         self._write_scalars(row, stats, ev)
         self.history.append(row)
         if self.dist.is_main:
@@ -461,6 +470,8 @@ class Trainer:
             w.add_scalar(f"test_per_class/{c}", acc, step)
         w.add_scalar("perf/images_per_sec", row["images_per_sec"], step)
         w.add_scalar("perf/epoch_seconds", stats.seconds, step)
+        for key, value in (self.budget or {}).items():
+            w.add_scalar(f"budget/{key}", value, step)
         if ev.val is not None:
             w.add_scalar("val/loss", ev.val.loss, step)
             w.add_scalar("val/accuracy", ev.val.accuracy, step)
@@ -500,6 +511,7 @@ class Trainer:
         self.out(
             f"device {self.device}, precision {self.amp_dtype or torch.float32}, channels_last {self.channels_last}, "
             f"{self.steps_per_epoch} steps/epoch x {cfg.epochs} epochs"
+            + (f" ({self.total_steps} steps in all)" if self.total_steps != cfg.epochs * self.steps_per_epoch else "")
         )
         selection = "validation split" if self.val_loader is not None else "TEST set (no --val-size given)"
         self.out(f"best checkpoint chosen on the {selection}")

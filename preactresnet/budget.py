@@ -1,0 +1,130 @@
+"""--time-budget: the longest schedule that fits a wall-clock budget on this machine.
+
+A throwaway trainer times a few real training steps (warm-up excluded) and one end-of-epoch
+evaluation; from those the number of steps that fit is chosen, written into the config (epochs and
+total_steps), and the real run starts from scratch with it. The calibration steps are therefore
+discarded, and a run given the same epochs and total_steps explicitly computes the same numbers.
+A resumed run keeps its saved choice and is never calibrated again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from dataclasses import dataclass
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .distributed import DistInfo, broadcast_object
+
+if TYPE_CHECKING:  # config.py imports parse_duration from here
+    from .config import ResolvedConfig
+
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
+WARMUP_STEPS = 3  # first-touch allocations, kernel selection, torch.compile: never timed
+MIN_TIMED_STEPS, MIN_TIMED_SECONDS = 5, 3.0  # timed until both are reached, for a stable images/s
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '10m', '2h', '1h30m', '1.5h' or a bare number of seconds -> seconds (> 0)."""
+    value = str(text).strip().lower()
+    match = _DURATION.fullmatch(value)
+    if re.fullmatch(r"\d+(?:\.\d+)?", value):
+        seconds = float(value)
+    elif value and match:
+        h, m, s = (float(g) if g else 0.0 for g in match.groups())
+        seconds = 3600 * h + 60 * m + s
+    else:
+        raise ValueError(f"--time-budget '{text}' is not a duration; use e.g. 90s, 10m, 2h or 1h30m")
+    if seconds <= 0:
+        raise ValueError(f"--time-budget must be longer than 0 s, got '{text}'")
+    return seconds
+
+
+@dataclass(frozen=True)
+class Calibration:
+    seconds_per_step: float
+    eval_seconds: float  # one end-of-epoch evaluation (test, validation, EMA) with its checkpoint
+    batch_size: int
+
+    @property
+    def images_per_sec(self) -> float:
+        return self.batch_size / self.seconds_per_step
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    budget_seconds: float
+    epochs: int  # epochs begun, each ending with an evaluation
+    total_steps: int
+    steps_per_epoch: int
+    calibration: Calibration
+
+    @property
+    def expected_seconds(self) -> float:
+        c = self.calibration
+        return self.total_steps * c.seconds_per_step + self.epochs * c.eval_seconds
+
+    def as_record(self) -> dict:
+        return {
+            "time_budget_s": round(self.budget_seconds, 1),
+            "budget_epochs": round(self.total_steps / self.steps_per_epoch, 3),
+            "budget_total_steps": self.total_steps,
+            "calibrated_images_per_sec": round(self.calibration.images_per_sec, 1),
+            "calibrated_eval_seconds": round(self.calibration.eval_seconds, 2),
+        }
+
+
+def plan(budget_seconds: float, steps_per_epoch: int, cal: Calibration) -> BudgetPlan:
+    """The most steps whose training plus one evaluation per epoch begun fits the budget."""
+    epoch_seconds = steps_per_epoch * cal.seconds_per_step + cal.eval_seconds
+    one_epoch = math.ceil(epoch_seconds)
+    if budget_seconds < epoch_seconds:
+        raise ValueError(
+            f"--time-budget {budget_seconds:g}s is shorter than one epoch here ({steps_per_epoch} steps at "
+            f"{cal.images_per_sec:.0f} images/s plus {cal.eval_seconds:.1f}s of evaluation); give at least {one_epoch}s"
+        )
+    epochs = math.ceil(budget_seconds / epoch_seconds)
+    steps = int((budget_seconds - epochs * cal.eval_seconds) / cal.seconds_per_step)
+    while steps <= (epochs - 1) * steps_per_epoch:  # the last epoch begun must hold a step
+        epochs -= 1
+        steps = int((budget_seconds - epochs * cal.eval_seconds) / cal.seconds_per_step)
+    steps = min(steps, epochs * steps_per_epoch)
+    return BudgetPlan(budget_seconds, epochs, steps, steps_per_epoch, cal)
+
+
+def calibrate(trainer) -> Calibration:
+    """Time real steps (after WARMUP_STEPS untimed ones) and one evaluation on a throwaway trainer."""
+    trainer.train_loader.set_epoch(0)
+    trainer.train_steps(WARMUP_STEPS)
+    steps, seconds = 0, 0.0
+    while steps < MIN_TIMED_STEPS or seconds < MIN_TIMED_SECONDS:
+        if trainer.train_loader.batch >= trainer.steps_per_epoch:
+            trainer.train_loader.set_epoch(trainer.train_loader.epoch + 1)
+        stats = trainer.train_steps(min(5, trainer.steps_per_epoch - trainer.train_loader.batch))
+        steps, seconds = steps + stats.images // trainer.cfg.batch_size, seconds + stats.seconds
+    start = time.perf_counter()
+    trainer.evaluate_epoch()
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize()
+    return Calibration(seconds / steps, time.perf_counter() - start, trainer.cfg.batch_size)
+
+
+def fit_to_budget(trainer, run: ResolvedConfig, dist: DistInfo, out=print) -> tuple[ResolvedConfig, BudgetPlan]:
+    """Calibrate on `trainer` (then discarded), choose on rank 0, and return the finished config."""
+    budget = parse_duration(run.cfg.time_budget)
+    choice = plan(budget, trainer.steps_per_epoch, calibrate(trainer)) if dist.is_main else None
+    choice = broadcast_object(choice, dist)
+    cfg = dataclasses.replace(run.cfg, epochs=choice.epochs, total_steps=choice.total_steps)
+    finish = time.strftime("%H:%M:%S", time.localtime(time.time() + choice.expected_seconds))
+    out(
+        f"time budget {run.cfg.time_budget}: {choice.calibration.images_per_sec:.0f} images/s and "
+        f"{choice.calibration.eval_seconds:.1f}s per evaluation measured, so {choice.total_steps} steps "
+        f"({choice.total_steps / choice.steps_per_epoch:.2f} epochs) with warmup and schedule fitted to them; "
+        f"expected to finish training at {finish} (the calibration steps are discarded)"
+    )
+    return dataclasses.replace(run, cfg=cfg, budget=choice.as_record()), choice

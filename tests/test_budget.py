@@ -1,0 +1,87 @@
+"""--time-budget: durations, the plan, the one-line errors, and the resume rule."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_training import interrupt_at, run_args, trainer
+
+import preactresnet.budget as budget
+from preactresnet.budget import BudgetPlan, Calibration, parse_duration, plan
+from preactresnet.checkpoint import load_state
+from preactresnet.cli import main_train
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("10m", 600), ("2h", 7200), ("1h30m", 5400), ("1.5h", 5400),
+                                           ("1m30s", 90), ("45", 45), (" 2H ", 7200)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "5x", "0s", "m", "1h-5m", "ten minutes"])
+def test_bad_durations_name_the_fix(text):
+    with pytest.raises(ValueError, match="--time-budget"):
+        parse_duration(text)
+
+
+def test_plan_fills_the_budget_with_steps_and_evaluations():
+    cal = Calibration(seconds_per_step=0.2, eval_seconds=1.0, batch_size=128)
+    p = plan(60.0, steps_per_epoch=78, cal=cal)
+    assert p.epochs == 4 and p.total_steps == 280  # 3 whole epochs and 46 steps of a 4th, 4 evaluations
+    assert p.expected_seconds == pytest.approx(60.0, abs=0.2) and p.expected_seconds <= 60.0
+    assert plan(3600, 78, cal).total_steps > 60 * 78, "long budgets give many epochs"
+    with pytest.raises(ValueError, match=r"give at least 17s"):
+        plan(10.0, 78, cal)
+
+
+def test_budget_and_epochs_flags_together_are_one_line_errors(tmp_path, capsys):
+    for flags in (["--time-budget", "60s", "--epochs", "3"], ["--time-budget", "10m", "--total-steps", "9"],
+                  ["--time-budget", "soon"]):
+        with pytest.raises(SystemExit) as exc:
+            main_train(run_args(tmp_path, *flags))
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.count("\n") == 1 and "--time-budget" in err, err
+
+
+def _fixed_calibration(monkeypatch, calls: list):
+    def fake(t):
+        calls.append(t)
+        t.train_loader.set_epoch(0)
+        t.train_steps(2)  # real steps on the throwaway trainer: they must not leak into the run
+        return Calibration(seconds_per_step=1.0, eval_seconds=2.0, batch_size=t.cfg.batch_size)
+
+    monkeypatch.setattr(budget, "calibrate", fake)
+
+
+def test_budget_run_equals_explicit_steps_and_resumes_without_recalibrating(tmp_path, monkeypatch):
+    calls = []
+    _fixed_calibration(monkeypatch, calls)
+    common = ["--max-steps-per-epoch", "4", "--deterministic", "--tta", "none"]
+    # 15 s at 1 s/step + 2 s/evaluation: 9 steps (4 + 4 + 1) and 3 evaluations
+    t = trainer(tmp_path, *common, "--time-budget", "15s", "--run-name", "budget")
+    assert len(calls) == 1 and (t.cfg.epochs, t.cfg.total_steps) == (3, 9)
+    t.fit()
+    trainer(tmp_path, *common, "--epochs", "3", "--total-steps", "9", "--run-name", "explicit").fit()
+    cut = trainer(tmp_path, *common, "--time-budget", "15s", "--run-name", "cut")
+    interrupt_at(cut, 5)
+    with pytest.raises(KeyboardInterrupt):
+        cut.fit()
+    resumed = trainer(tmp_path, "--resume", "cut", "--checkpoint-dir", str(tmp_path / "ck"), "--epochs", "200")
+    assert len(calls) == 2 and resumed.cfg.total_steps == 9, "a resumed budget run is never calibrated again"
+    resumed.fit()
+    ref = load_file(tmp_path / "ck" / "explicit" / "last.safetensors")
+    for run in ("budget", "cut"):
+        w = load_file(tmp_path / "ck" / run / "last.safetensors")
+        assert all(torch.equal(ref[k], w[k]) for k in ref), run
+        assert load_state(tmp_path / "ck" / run / "last.state.pt")["step"] == 9
+    rows = list(csv.DictReader(open(tmp_path / "runs" / "cut" / "metrics.csv")))
+    assert [r["step"] for r in rows] == ["4", "8", "9"] and rows[-1]["budget_total_steps"] == "9"
+    assert float(rows[0]["time_budget_s"]) == 15.0 and float(rows[0]["calibrated_images_per_sec"]) == 32.0
+
+
+def test_plan_record_names_the_choice():
+    p = BudgetPlan(60.0, 4, 280, 78, Calibration(0.2, 1.0, 128))
+    assert p.as_record()["budget_epochs"] == pytest.approx(280 / 78, abs=1e-3)

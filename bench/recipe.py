@@ -65,8 +65,10 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "wd1e-3": ("weight decay 1e-3", ["--weight-decay", "1e-3"]),
     "wd2e-4": ("weight decay 2e-4", ["--weight-decay", "2e-4"]),
     "pad4": ("crop padding 4", ["--crop-padding", "4"]),
-    "muon": ("Muon for conv weights (AdamW for the rest), lr 0.02", ["--optimizer", "muon", "--lr", "0.02"]),
-    "muon-lr0.05": ("Muon, lr 0.05", ["--optimizer", "muon", "--lr", "0.05"]),
+    "muon": ("Muon for conv weights (AdamW for the rest), lr 0.02", ["--optimizer", "muon", "--lr", "0.02", "--warmup-lr", "0.002"]),
+    "-muon": ("Nesterov SGD lr 0.1 instead of Muon", ["--optimizer", "sgd", "--lr", "0.1", "--warmup-lr", "0.01"]),
+    "muon-lr0.01": ("Muon, lr 0.01", ["--optimizer", "muon", "--lr", "0.01", "--warmup-lr", "0.001"]),
+    "muon-lr0.04": ("Muon, lr 0.04", ["--optimizer", "muon", "--lr", "0.04", "--warmup-lr", "0.004"]),
     "erase": ("random erasing p 0.25 (cutout-like)", ["--erase-prob", "0.25"]),
     "mix": ("MixUp/CutMix on half the batches", ["--mix-prob", "0.5"]),
 }

@@ -43,6 +43,15 @@ def add_eval_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--fig-dir", default="fig", help="where figures go")
 
 
+def run_or_fail(parser, argv: list[str] | None, run):
+    """Parse `argv` with `parser()`, then `run(args)`; a user's mistake ends in one line on stderr."""
+    args = parser().parse_args(argv)
+    try:
+        return args, run(args)
+    except USER_ERRORS as err:
+        fail(str(err))
+
+
 # -- train.py, export.py -------------------------------------------------------------------------------
 def main_train(argv: list[str] | None = None) -> None:
     try:
@@ -69,15 +78,15 @@ def export_parser() -> argparse.ArgumentParser:
 
 
 def main_export(argv: list[str] | None = None) -> None:
-    args = export_parser().parse_args(argv)
-    try:
-        path = resolve_checkpoint(args.checkpoint, args.checkpoint_dir)
-        out = export(path, args.out or Path("pretrained") / path.parent.name)
-        print(f"exported {path} -> {out}/ (model.safetensors, config.json, README.md)")
-        if args.push_to_hub:
-            print(f"pushed to {push_to_hub(out, args.push_to_hub, args.private)}")
-    except (CheckpointError, ValueError) as err:
-        fail(str(err))
+    run_or_fail(export_parser, argv, _export)
+
+
+def _export(args: argparse.Namespace) -> None:
+    path = resolve_checkpoint(args.checkpoint, args.checkpoint_dir)
+    out = export(path, args.out or Path("pretrained") / path.parent.name)
+    print(f"exported {path} -> {out}/ (model.safetensors, config.json, README.md)")
+    if args.push_to_hub:
+        print(f"pushed to {push_to_hub(out, args.push_to_hub, args.private)}")
 
 
 # -- test.py -------------------------------------------------------------------------------------------
@@ -94,11 +103,7 @@ def test_parser() -> argparse.ArgumentParser:
 
 
 def main_test(argv: list[str] | None = None) -> None:
-    args = test_parser().parse_args(argv)
-    try:
-        report = reporting.run_test(args)
-    except USER_ERRORS as err:
-        fail(str(err))
+    args, report = run_or_fail(test_parser, argv, reporting.run_test)
     if args.json:
         print(json.dumps(report))
     else:
@@ -119,11 +124,7 @@ def checkpoints_parser() -> argparse.ArgumentParser:
 
 
 def main_checkpoints(argv: list[str] | None = None) -> None:
-    args = checkpoints_parser().parse_args(argv)
-    try:
-        rows = reporting.run_checkpoints(args)
-    except USER_ERRORS as err:
-        fail(str(err))
+    args, rows = run_or_fail(checkpoints_parser, argv, reporting.run_checkpoints)
     figure = reporting.checkpoints_figure(rows, args.fig_dir, args.log_dir)
     if args.json:
         print(json.dumps({"checkpoints": rows, "figure": str(figure) if figure else None}))
@@ -146,12 +147,8 @@ def predict_parser() -> argparse.ArgumentParser:
 
 
 def main_predict(argv: list[str] | None = None) -> None:
-    args = predict_parser().parse_args(argv)
-    try:
-        device = resolve_device(args.device)
-        lm = load_model(reporting.weights_path(args), device)
-    except (CheckpointError, ValueError) as err:
-        fail(str(err))
+    args, lm = run_or_fail(predict_parser, argv, lambda a: load_model(reporting.weights_path(a), resolve_device(a.device)))
+    device = next(lm.model.parameters()).device
     files = reporting.image_files(args.images)
     results, failed = reporting.predict_images(lm, files, device, args.tta, args.top_k, show=not args.json)
     if args.json:
@@ -176,8 +173,4 @@ def optimize_parser() -> argparse.ArgumentParser:
 
 
 def main_optimize(argv: list[str] | None = None) -> None:
-    args = optimize_parser().parse_args(argv)
-    try:
-        optimize.run(args)
-    except ValueError as err:
-        fail(str(err))
+    run_or_fail(optimize_parser, argv, optimize.run)

@@ -118,8 +118,8 @@ def table(results: list[dict]) -> str:
     for r in results:
         rows.setdefault(r["row"], []).append(r)
     ref = statistics.mean(r["test_acc"] for r in rows["recipe"]) if "recipe" in rows else None
-    lines = ["| row | change | seeds | test acc (mean, spread) | vs recipe | flip TTA | img/s | train+eval s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| row | change | seeds | test acc (mean, spread) | vs recipe | flip TTA | img/s | train+eval s | in the recipe |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for row, rs in rows.items():
         accs = [r["test_acc"] for r in rs]
         mean = statistics.mean(accs)
@@ -129,8 +129,15 @@ def table(results: list[dict]) -> str:
         tta_s = f"{statistics.mean(tta):.2f}%" if tta else ""
         ips = statistics.mean(r["images_per_sec"] for r in rs)
         secs = statistics.mean(r["train_eval_seconds"] for r in rs)
-        lines.append(f"| {row} | {ROWS.get(row, ('?',))[0]} | {len(rs)} | {mean:.2f}%{spread} | {delta} | {tta_s} | {ips:.0f} | {secs:.0f} |")
+        lines.append(f"| {row} | {ROWS.get(row, ('?',))[0]} | {len(rs)} | {mean:.2f}%{spread} | {delta} | {tta_s} | {ips:.0f} | {secs:.0f} | {_kept(row)} |")
     return "\n".join(lines)
+
+
+def _kept(row: str) -> str:
+    """A "-X" row removes something the recipe has; any other row tries what the recipe does not do."""
+    if row == "recipe" or row.startswith(("old-", "spec-")):
+        return ""
+    return "kept" if row.startswith("-") else "not kept"
 
 
 def main(argv=None) -> None:

@@ -24,9 +24,7 @@ def _entry(name):
 
 
 def _register_all():
-    from preactresnet.models import (
-        list_models,  # torch.hub puts this repository on sys.path first
-    )
+    from preactresnet.models import list_models  # torch.hub puts this repository on sys.path first
 
     for name in list_models():
         globals()[name] = _entry(name)

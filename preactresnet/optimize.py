@@ -21,14 +21,7 @@ import torch.nn.functional as F
 from .fileio import first_line
 from .models import check_model_name, create_model
 from .profile import write_profile
-from .system import (
-    autocast,
-    cpu_flags,
-    cpu_has_bf16,
-    cpu_name,
-    resolve_device,
-    tune_malloc,
-)
+from .system import autocast, cpu_flags, cpu_has_bf16, cpu_name, resolve_device, tune_malloc
 
 
 def system_report(data_dir: str = "data", checkpoint_dir: str = "checkpoints") -> tuple[dict, list[str]]:

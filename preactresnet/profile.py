@@ -52,7 +52,6 @@ def write_profile(path: Path, device: torch.device, model: str, batch: int, rows
         "cudnn_benchmark": bool(best.get("cudnn_benchmark", False)),
         "measured": rows,
     }
-
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(profile, indent=2) + "\n"))
     return profile
 
@@ -82,5 +81,3 @@ def load_profile(spec: str, model: str, device: torch.device, warn=print) -> dic
              f"run python optimize_system.py --model {model}")
         return None
     return {**profile, "path": str(path), "settings": {k: settings[k] for k in PROFILE_KEYS if k in settings}}
-
-

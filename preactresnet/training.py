@@ -448,11 +448,12 @@ class Trainer:
             "elapsed_seconds": round((self.history[-1]["elapsed_seconds"] if self.history else 0.0)
                                      + time.perf_counter() - epoch_start, 2),
         }
-        for name, result in (("val", ev.val), ("ema_test", ev.ema_test), ("ema_val", ev.ema_val)):
-            if result is not None:
-                row[f"{name}_acc"] = round(result.accuracy, 4)
-                if name == "val":
-                    row["val_loss"] = round(result.loss, 6)
+        if ev.val is not None:
+            row.update(val_loss=round(ev.val.loss, 6), val_acc=round(ev.val.accuracy, 4))
+        if ev.ema_test is not None:
+            row["ema_test_acc"] = round(ev.ema_test.accuracy, 4)
+        if ev.ema_val is not None:
+            row["ema_val_acc"] = round(ev.ema_val.accuracy, 4)
         row.update(self.budget or {})
         self._write_scalars(row, stats, ev)
         self.history.append(row)
@@ -483,7 +484,8 @@ class Trainer:
 
     def checkpoint_epoch(self, epoch: int, ev: EpochEval) -> None:
         """best.safetensors when the chosen split improved (raw or EMA, whichever is better on val), then last."""
-        (chosen, split), weights, test = ((ev.val, "val") if ev.val is not None else (ev.test, "test")), self.model, ev.test
+        chosen, split = (ev.val, "val") if ev.val is not None else (ev.test, "test")
+        weights, test = self.model, ev.test
         if ev.ema_val is not None and ev.ema_val.accuracy > ev.val.accuracy:  # judged on val only, never on test
             chosen, weights, test = ev.ema_val, self.ema.module, ev.ema_test
         if chosen.accuracy > self.best_metric:

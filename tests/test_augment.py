@@ -3,12 +3,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from preactresnet.data import AugmentConfig, BatchAugment, TensorLoader
-from preactresnet.data.augment import (
-    adjust_brightness,
-    adjust_contrast,
-    adjust_hue,
-    adjust_saturation,
-)
+from preactresnet.data.augment import adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 N = 4096

@@ -5,10 +5,12 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from conftest import png_bytes, tar_folder, write_official, write_tree
 
-from preactresnet.data import DataError, load_dataset, sources
+from conftest import png_bytes, tar_folder, write_official, write_tree
+from preactresnet.data import DataError, load_dataset
 from preactresnet.data import cache as cache_mod
+from preactresnet.data import sources
+
 
 # --- real data -----------------------------------------------------------------------------------
 
@@ -161,9 +163,8 @@ def test_cache_rebuilt_when_source_changes_or_corrupt(small_real, tmp_path, caps
 
 
 def test_validation_split_is_balanced_and_disjoint(sample_dataset):
-    import copy
-
     from preactresnet.data import split_validation
+    import copy
 
     ds = split_validation(copy.copy(sample_dataset), 1000, seed=1)
     assert len(ds.val_labels) == 1000 and len(ds.train_labels) == 9000

@@ -3,13 +3,7 @@ import timm
 import torch
 
 import preactresnet
-from preactresnet.models import (
-    PreActResNet,
-    ResNeXt,
-    count_params,
-    create_model,
-    list_models,
-)
+from preactresnet.models import PreActResNet, ResNeXt, count_params, create_model, list_models
 
 ALL = list_models()
 # Narrow widths keep every forward/backward on the CPU quick; the structure is unchanged.

@@ -7,14 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from preactresnet.checkpoint import (
-    CheckpointError,
-    load_state,
-    read_metadata,
-    save_state,
-    save_weights,
-    unwrap_model,
-)
+from preactresnet.checkpoint import CheckpointError, load_state, read_metadata, save_state, save_weights, unwrap_model
 from preactresnet.cli import main_train
 from preactresnet.config import TrainConfig, parse_args
 from preactresnet.training import NonFiniteLoss, Trainer, build_mixup, build_scheduler

@@ -14,14 +14,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..fileio import atomic_write
-from .sources import (
-    DataError,
-    RawDataset,
-    Source,
-    download_official,
-    read_source,
-    resolve_source,
-)
+from .sources import DataError, RawDataset, Source, download_official, read_source, resolve_source
 
 CACHE_VERSION = "1"
 

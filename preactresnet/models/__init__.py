@@ -3,13 +3,7 @@
 from . import preact_resnet, resnext  # noqa: F401  (importing registers the factories)
 from .layers import ClassifierHead, count_params
 from .preact_resnet import PreActBasicBlock, PreActBottleneck, PreActResNet
-from .registry import (
-    canonical_name,
-    check_model_name,
-    create_model,
-    list_models,
-    register_model,
-)
+from .registry import canonical_name, check_model_name, create_model, list_models, register_model
 from .resnext import ResNeXt, ResNeXtBottleneck
 
 __all__ = [

@@ -62,11 +62,26 @@ class WeightsMeta:
     data_description: str = ""
     command: str = ""
 
-    def at(self, epoch: int, ema: bool = False, **accuracies: float | None) -> dict:
-        """The metadata of the weights saved after `epoch`, with accuracies such as test_accuracy=83.2."""
+    def at(self, epoch: int, ema: bool = False, selected_on: str | None = None, **accuracies: float | None) -> dict:
+        """The metadata of the weights saved after `epoch`, with accuracies such as test_accuracy=83.2;
+        `selected_on` ("validation" or "test") for a best checkpoint: which split chose it."""
         meta = {**dataclasses.asdict(self), "epoch": epoch, "ema": ema}
+        if selected_on is not None:
+            meta["selected_on"] = selected_on
         meta.update({k: round(v, 4) for k, v in accuracies.items() if v is not None})
         return meta
+
+
+def portable_path(path: str, name_only: bool = True) -> str:
+    """A data path as other machines may read it: relative to the working folder, else its name alone
+    (or "" with name_only=False, where a bare name would be misread as a folder here)."""
+    p = Path(path).expanduser()
+    if not p.is_absolute():
+        return str(path)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return p.name if name_only else ""
 
 
 def check_metadata(meta: dict, path: str | Path) -> dict:
@@ -121,6 +136,13 @@ def load_state(path: str | Path) -> dict:
         raise CheckpointError(f"{path} holds objects a checkpoint never holds; refusing to load it ({first_line(err, 'unsafe content')})") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
         raise CheckpointError(f"{path} is truncated or corrupt ({first_line(err)}); resume from another run or start afresh") from None
+
+
+def rank_state(state: dict, rank: int) -> dict:
+    """One rank's loader position and random streams from a training state (format 1 kept rank 0's only)."""
+    if "ranks" in state:
+        return state["ranks"][rank]
+    return {"loader": state["loader"], "rng": state["rng"]}
 
 
 def find_run(spec: str, checkpoint_dir: str | Path) -> Path:

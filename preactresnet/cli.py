@@ -21,7 +21,7 @@ from .hub import export, push_to_hub
 from .inference import TTA_MODES, load_model, resolve_checkpoint
 from .profile import PROFILE_PATH
 from .system import resolve_device
-from .training import NonFiniteLoss, train
+from .training import NonFiniteLoss, Stopped, train
 
 USER_ERRORS = (CheckpointError, DataError, ValueError)
 
@@ -62,6 +62,8 @@ def main_train(argv: list[str] | None = None) -> None:
         fail(str(err))
     except NonFiniteLoss as err:
         fail(str(err), code=3)
+    except Stopped as err:  # SIGTERM or Ctrl-C: the state is saved; 143 or 130 (128 + the signal)
+        raise SystemExit(err.code)
     except KeyboardInterrupt:
         raise SystemExit(130)
     finally:

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from .budget import parse_duration
-from .checkpoint import find_run, load_state
+from .checkpoint import find_run, load_state, rank_state
 from .data.augment import AugmentConfig
 from .distributed import DistInfo, broadcast_object
 from .fileio import first_line
@@ -257,6 +257,7 @@ def resolve_config(cfg: TrainConfig, explicit: dict, dist: DistInfo, warn=print)
     state = run_dir = profile = None
     if cfg.resume:
         cfg, state, run_dir = _resumed_config(cfg, explicit)
+        _check_resumable(cfg, state, run_dir, dist)
     cfg = cfg.validated()
     if state is None:  # a resumed run keeps the settings it was saved with
         cfg, profile = _with_profile(cfg, explicit, warn)
@@ -281,12 +282,35 @@ def _resumed_config(cfg: TrainConfig, explicit: dict) -> tuple[TrainConfig, dict
                 f"({run_dir}); drop the flag, or start a new run without --resume"
             )
     saved = dataclasses.replace(saved, resume=cfg.resume, run_name=run_dir.name, checkpoint_dir=str(run_dir.parent))
+    if state.get("precision"):  # the precision 'auto' chose when the run began, kept on any machine
+        saved = dataclasses.replace(saved, amp=state["precision"])
     return saved, state, run_dir
+
+
+def _check_resumable(cfg: TrainConfig, state: dict, run_dir: Path, dist: DistInfo) -> None:
+    """Refuse, in one line, a resume that could not continue exactly where the run stopped."""
+    finished = int(state["epoch"]) >= cfg.epochs  # nothing left to train: only evaluation runs
+    saved_world = int(state.get("world_size", dist.world_size))
+    if saved_world != dist.world_size and not finished:
+        launch = f"torchrun --nproc_per_node={saved_world} train.py" if saved_world > 1 else "python train.py"
+        raise ValueError(
+            f"{run_dir} was saved by {saved_world} process(es) and this run has {dist.world_size}: another count changes "
+            f"the global batch, the schedule and the random streams; resume with {launch} --resume {run_dir}"
+        )
+    device, saved_device = resolve_device(cfg.device).type, state.get("device_type")
+    if cfg.amp == "fp16" and device != "cuda":
+        raise ValueError(f"{run_dir} trains in fp16, which needs a CUDA GPU; resume it with --device cuda")
+    mid_epoch = int(rank_state(state, 0)["loader"]["batch"]) > 0
+    if saved_device and saved_device != device and mid_epoch and not finished:
+        raise ValueError(
+            f"{run_dir} was saved mid-epoch on {saved_device} and its augmentation stream cannot continue on {device}; "
+            f"resume with --device {saved_device} (a state saved at the end of an epoch resumes on any device)"
+        )
 
 
 def _with_profile(cfg: TrainConfig, explicit: dict, warn) -> tuple[TrainConfig, dict | None]:
     """optimize_system.py's measured winner, for every setting the user did not give explicitly."""
-    profile = load_profile(cfg.profile, cfg.model, resolve_device(cfg.device), warn=warn)
+    profile = load_profile(cfg.profile, cfg.model, resolve_device(cfg.device), warn=warn, shape=(cfg.width_mult, cfg.batch_size))
     if profile is None:
         return cfg, None
     applied = {k: v for k, v in profile["settings"].items() if k not in explicit}

@@ -46,6 +46,20 @@ def all_reduce_sum(tensor: torch.Tensor) -> None:
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def gather_objects(value, info: DistInfo) -> list | None:
+    """Every rank's `value` as a list on rank 0 (None elsewhere); [value] without torchrun."""
+    if not info.enabled:
+        return [value]
+    box = [None] * info.world_size if info.is_main else None
+    dist.gather_object(value, box, dst=0)
+    return box
+
+
 def broadcast_object(value, info: DistInfo):
     if not info.enabled:
         return value

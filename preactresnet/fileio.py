@@ -2,25 +2,63 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
 from pathlib import Path
 
 
-def atomic_write(path: str | Path, write) -> Path:
-    """Call write(tmp) on a temporary file beside `path`, then move it into place in one step.
+def temp_name(path: Path, pid: int | None = None) -> Path:
+    """A hidden sibling with the same suffix (writers such as matplotlib read the format from it):
+    `.last.tmp.1234.safetensors`. Globs that list checkpoints skip hidden names."""
+    return path.with_name(f".{path.stem}.tmp.{os.getpid() if pid is None else pid}{path.suffix}")
 
-    A crash or kill at any moment leaves either the old file or the new one, never half of either.
+
+def atomic_write(path: str | Path, write) -> Path:
+    """Call write(tmp) on a temporary file beside `path`, fsync it, move it into place, fsync the folder.
+
+    A crash, kill or power loss at any moment leaves either the old file or the new one, never half of
+    either. Temporaries a killed write left behind for this name are removed first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    for stale in path.parent.glob(f".{glob.escape(path.stem)}.tmp.*{glob.escape(path.suffix)}"):
+        if not _alive(stale.name[len(path.stem) + 6 :][: -len(path.suffix) or None]):
+            stale.unlink(missing_ok=True)
+    tmp = temp_name(path)
     try:
         write(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _alive(pid: str) -> bool:
+    """Whether process `pid` still runs (its temporary may be a write in progress)."""
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to the disk; folders cannot be opened on Windows."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except (IsADirectoryError, PermissionError):
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def first_line(err: BaseException | str, default: str | None = None) -> str:

@@ -45,6 +45,12 @@ def model_card(config: dict) -> str:
     data = config.get("data_description") or f"{config.get('dataset', 'cifar10')} test split"
     command = config.get("command") or "python train.py (command not recorded)"
     name = config["model"]
+    chosen = {
+        "validation": "best epoch, chosen on a held-out validation split",
+        "test": "best epoch, chosen on the TEST set: its test accuracy is optimistic",
+    }.get(config.get("selected_on"), "weights after the epoch named")
+    if config.get("ema"):
+        chosen += "; EMA weights"
     return f"""---
 library_name: preactresnet
 tags: [image-classification, cifar10, {name}]
@@ -56,6 +62,7 @@ tags: [image-classification, cifar10, {name}]
 | model | `{name}` ({json.dumps(config['model_args'])}) |
 | test accuracy | **{acc_text}** on the {data} |
 | epochs | {epochs} (checkpoint from epoch {config.get('epoch', '?')}) |
+| selection | {chosen} |
 | classes | {', '.join(config['classes'])} |
 | normalization | mean {config['mean']}, std {config['std']} |
 
@@ -93,6 +100,8 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
         "dataset": meta.get("dataset", "cifar10"),
         "epoch": meta.get("epoch"),
         "test_accuracy": meta.get("test_accuracy"),
+        "selected_on": meta.get("selected_on"),
+        "ema": bool(meta.get("ema", False)),
         "data_description": meta.get("data_description"),
         "command": meta.get("command"),
         "recipe": _recipe(checkpoint),

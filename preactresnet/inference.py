@@ -81,16 +81,21 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
     return LoadedModel(model, meta, path)
 
 
-def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
-    """The images a TTA mode averages over: itself; + its mirror; + both shifted 2 px four ways."""
+def tta_views(x: torch.Tensor, mode: str, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)) -> list[torch.Tensor]:
+    """The images a TTA mode averages over: itself; + its mirror; + both shifted 2 px four ways.
+
+    `x` is normalized with `mean`/`std`; shifts pad with black in pixel space, as training's crops do.
+    """
     if mode not in TTA_MODES:
         raise ValueError(f"unknown --tta '{mode}'; use one of {', '.join(TTA_MODES)}")
     views = [x]
     if mode in ("flip", "flip-translate"):
         views.append(x.flip(3))
     if mode == "flip-translate":
-        padded = F.pad(x, (2, 2, 2, 2))
-        h, w = x.shape[2:]
+        black = torch.tensor([-m / s for m, s in zip(mean, std)], device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        (n, c, h, w) = x.shape
+        padded = black.expand(n, c, h + 4, w + 4).clone()
+        padded[:, :, 2:-2, 2:-2] = x
         for dy, dx in ((0, 2), (4, 2), (2, 0), (2, 4)):
             shifted = padded[:, :, dy : dy + h, dx : dx + w]
             views += [shifted, shifted.flip(3)]
@@ -103,7 +108,7 @@ def predict_probs(model: nn.Module, loader, tta: str = "none", amp_dtype=None) -
     model.eval()
     probs, labels = [], []
     for x, y in loader:
-        views = tta_views(x, tta)
+        views = tta_views(x, tta, loader.transform.mean, loader.transform.std)
         total = torch.zeros(())
         for view in views:
             with autocast(loader.device, amp_dtype):

@@ -226,7 +226,7 @@ def run(args) -> None:
     print(f"\ntiming training steps: {model} (width x{width}), batch {batch}, on {device}"
           + (" [--quick: a narrower net and fewer steps stand in for the full run]" if width != 1.0 or batch != args.batch_size else ""))
     rows = measure(model, batch, device, args.quick, width)
-    profile = write_profile(Path(args.profile), device, model, args.batch_size, rows)
+    profile = write_profile(Path(args.profile), device, model, batch, rows, width)
     print("\n| setting | images/s | speed-up vs fp32 NCHW |\n|---|---:|---:|")
     for r in sorted(rows, key=lambda r: -r["images_per_sec"]):
         print(f"| {describe(r)} | {r['images_per_sec']:.1f} | {r['speedup']:.2f}x |")

@@ -39,13 +39,15 @@ def to_train_settings(row: dict) -> dict:
     }
 
 
-def write_profile(path: Path, device: torch.device, model: str, batch: int, rows: list[dict]) -> dict:
+def write_profile(path: Path, device: torch.device, model: str, batch: int, rows: list[dict], width_mult: float = 1.0) -> dict:
+    """Save the fastest row; `width_mult` and `batch` are what was timed (--quick times a narrower net)."""
     best = max(rows, key=lambda r: r["images_per_sec"])
     profile = {
         "format": PROFILE_FORMAT,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_fingerprint(device),
         "model": model,
+        "width_mult": width_mult,
         "batch_size": batch,
         "settings": to_train_settings(best),
         "tf32": best["amp"] == "tf32",
@@ -56,8 +58,9 @@ def write_profile(path: Path, device: torch.device, model: str, batch: int, rows
     return profile
 
 
-def load_profile(spec: str, model: str, device: torch.device, warn=print) -> dict | None:
-    """The profile train.py should apply, or None (off, missing, or made on another machine or model)."""
+def load_profile(spec: str, model: str, device: torch.device, warn=print, shape: tuple | None = None) -> dict | None:
+    """The profile train.py should apply, or None (off, missing, or made on another machine or model).
+    `shape` (width_mult, batch_size) of the run: a profile timed at another one is applied with a warning."""
     if spec == "off":
         return None
     path = PROFILE_PATH if spec == "auto" else Path(spec)
@@ -80,4 +83,9 @@ def load_profile(spec: str, model: str, device: torch.device, warn=print) -> dic
         warn(f"warning: ignoring system profile {path}: measured for {profile.get('model')}, not {model}; "
              f"run python optimize_system.py --model {model}")
         return None
+    timed = (profile.get("width_mult", 1.0), profile.get("batch_size"))
+    if shape is not None and timed != tuple(shape):
+        warn(f"warning: system profile {path} was timed on {model} width x{timed[0]} at batch {timed[1]}, this run is "
+             f"x{shape[0]} at batch {shape[1]}; its settings may not be the fastest here: python optimize_system.py "
+             f"--model {model} --width-mult {shape[0]} --batch-size {shape[1]}")
     return {**profile, "path": str(path), "settings": {k: settings[k] for k in PROFILE_KEYS if k in settings}}

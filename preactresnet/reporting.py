@@ -43,7 +43,7 @@ class _DataCache:
         self.override, self.download, self._cache = override, download, {}
 
     def get(self, lm: LoadedModel):
-        key = (lm.meta.get("dataset", "cifar10"), self.override or lm.meta.get("data_dir", "data"))
+        key = (lm.meta.get("dataset", "cifar10"), self.override or lm.meta.get("data_dir") or "data")
         if key not in self._cache:
             self._cache[key] = load_dataset(key[0], key[1], download=self.download)
         ds = self._cache[key]
@@ -142,6 +142,8 @@ def print_test_report(r: dict) -> None:
 
 
 def collect_checkpoints(paths: list[str], checkpoint_dir: str) -> list[Path]:
+    """The weights files to evaluate; hidden names (a killed write's temporaries) are never matched."""
+    where = ", ".join(paths) or f"{checkpoint_dir}/"
     if not paths:
         root = Path(checkpoint_dir)
         if not root.is_dir():
@@ -150,11 +152,11 @@ def collect_checkpoints(paths: list[str], checkpoint_dir: str) -> list[Path]:
     files = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(p.glob("*.safetensors"))
+            files += sorted(f for f in p.glob("*.safetensors") if not f.name.startswith("."))
         else:
             files.append(p)  # missing or unreadable files get an error row of their own
     if not files:
-        raise CheckpointError(f"no .safetensors checkpoints found in {', '.join(paths)}")
+        raise CheckpointError(f"no .safetensors checkpoints found in {where}; train first (make demo) or pass checkpoint paths")
     return files
 
 
@@ -260,7 +262,7 @@ def predict_images(lm: LoadedModel, files: list[Path], device, tta: str, top_k: 
             print(f"error: cannot read {path} ({type(err).__name__}: {err})", file=sys.stderr)
             continue
         with torch.no_grad():
-            views = tta_views(tf(x[None]).to(device), tta)
+            views = tta_views(tf(x[None]).to(device), tta, lm.mean, lm.std)
             probs = sum(lm.model(v).float().softmax(dim=1) for v in views)[0] / len(views)
         top = probs.topk(k)
         preds = [{"class": lm.classes[int(i)], "probability": round(float(p), 4)} for p, i in zip(top.values, top.indices)]

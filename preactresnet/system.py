@@ -64,9 +64,24 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
         return torch.float16
     if amp != "auto":
         raise ValueError(f"unknown --amp '{amp}'; use auto, bf16, fp16 or off")
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cuda":  # native bf16 from Ampere (8.0) on; V100/T4 would emulate it slowly
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
     return torch.bfloat16 if cpu_has_bf16() else None
+
+
+PRECISION_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "off"}  # as --amp spells them
+
+
+def apply_process_settings(settings: dict, deterministic: bool) -> dict:
+    """A profile's process-wide GPU settings (TF32 matmuls and convolutions, cudnn.benchmark); returns
+    what was asked for, to be saved with the run and applied again on resume. --deterministic wins."""
+    wanted = {k: bool(settings.get(k, False)) for k in ("tf32", "cudnn_benchmark")}
+    if not deterministic:
+        if wanted["tf32"]:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        if "cudnn_benchmark" in settings:  # what was measured fastest, either way
+            torch.backends.cudnn.benchmark = wanted["cudnn_benchmark"]
+    return wanted
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -20,14 +20,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 import yaml
+from timm.data.mixup import mixup_target
 from timm.loss import SoftTargetCrossEntropy
 from tqdm.auto import tqdm
 
 from .budget import fit_to_budget
-from .checkpoint import WeightsMeta, save_state, save_weights
+from .checkpoint import WeightsMeta, portable_path, rank_state, save_state, save_weights
 from .config import ResolvedConfig, TrainConfig, resolve_config
 from .data import BatchAugment, TensorLoader, load_dataset
-from .distributed import DistInfo, all_reduce_sum, init_distributed
+from .distributed import DistInfo, all_reduce_sum, barrier, gather_objects, init_distributed
 from .evaluation import EvalResult, evaluate
 from .fileio import atomic_write
 from .hub import load_pretrained_into
@@ -36,6 +37,8 @@ from .models import create_model
 from .optim import build_ema, build_mixup, build_optimizer, build_scheduler
 from .plots import augmented_grid, training_curves
 from .system import (
+    PRECISION_NAMES,
+    apply_process_settings,
     autocast,
     resolve_amp,
     resolve_device,
@@ -48,7 +51,7 @@ from .system import (
 from .whitening import whiten_stem_
 
 __all__ = [
-    "EpochEval", "NonFiniteLoss", "NullWriter", "RunDirs", "StepStats", "StopFlag", "Trainer", "build_mixup",
+    "EpochEval", "NonFiniteLoss", "NullWriter", "RunDirs", "StepStats", "StopFlag", "Stopped", "Trainer", "build_mixup",
     "build_optimizer", "build_scheduler", "train",
 ]
 
@@ -72,11 +75,19 @@ class RunDirs:
 
 @dataclass
 class StepStats:
-    """What `train_steps` did: mean training loss, seconds (synchronized), images seen."""
+    """What `train_steps` did: mean training loss over all ranks, seconds (synchronized), images seen by
+    all ranks, optimizer steps."""
 
     loss: float
     seconds: float
     images: int
+    steps: int = 0
+
+    def __add__(self, other: StepStats) -> StepStats:
+        """Two stretches of one epoch (before and after a mid-epoch resume) as one."""
+        steps = self.steps + other.steps
+        loss = (self.loss * self.steps + other.loss * other.steps) / max(steps, 1)
+        return StepStats(loss, self.seconds + other.seconds, self.images + other.images, steps)
 
 
 @dataclass
@@ -112,29 +123,52 @@ class NullWriter:
         pass
 
 
+class Stopped(KeyboardInterrupt):
+    """Training stopped on a signal after saving its full state (a KeyboardInterrupt, as Ctrl-C always
+    was); `code` is the exit status to use."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
 class StopFlag:
-    """First Ctrl-C: finish the current step, save, exit. Second Ctrl-C: stop at once."""
+    """SIGTERM (a scheduler's preemption) or the first Ctrl-C: finish the step, save, exit with 128 + the
+    signal's number (143 or 130). A second Ctrl-C stops at once; a repeated SIGTERM changes nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.stop = False
-        self._previous = None
+        self.signum = signal.SIGTERM
+        self._previous = {}
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not the main thread: leave signals alone
-            self._previous = None
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
         return self
 
     def _handler(self, signum, frame):
         if self.stop:
-            raise KeyboardInterrupt
-        self.stop = True
-        print("\ninterrupt: finishing this step, saving, then exiting (Ctrl-C again to stop at once)", file=sys.stderr)
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.stop, self.signum = True, signum
+        name = "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name
+        again = " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
+        print(f"\n{name}: finishing this step, saving, then exiting{again}", file=sys.stderr, flush=True)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signum)
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
         return False
 
 
@@ -145,7 +179,7 @@ class Trainer:
         self.cfg, self.command = run.cfg, command
         self.dist = dist or DistInfo()
         self.out = out if self.dist.is_main else _silent
-        self._setup_process(run.profile)
+        self._setup_process(run.profile, (run.state or {}).get("process"))
         self.dirs = RunDirs.of(self.cfg)
         self._build_data()
         self._build_model(fresh=run.state is None)
@@ -156,6 +190,7 @@ class Trainer:
         self.start_epoch, self.step, self.history = 0, 0, []
         self.best_metric, self.best_epoch = -1.0, -1
         self.resumed_mid_epoch = False
+        self.carried: StepStats | None = None  # the current epoch's steps before a mid-epoch resume
         if run.state is not None:
             self._load_state(run.state, run.run_dir)
 
@@ -169,17 +204,17 @@ class Trainer:
         return cls(run, dist, out=out, command=command)
 
     # -- construction -------------------------------------------------------------------------------
-    def _setup_process(self, profile: dict | None) -> None:
-        """Process-wide settings: allocator, seeds, determinism, threads, device, precision."""
+    def _setup_process(self, profile: dict | None, saved_process: dict | None) -> None:
+        """Process-wide settings: allocator, seeds, determinism, threads, device, precision, and the
+        profile's TF32 / cudnn.benchmark (from the profile on a fresh run, from the state on resume)."""
         cfg = self.cfg
         tune_malloc()
         seed_everything(cfg.seed)
         set_deterministic(cfg.deterministic)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        self.process = apply_process_settings(profile or saved_process or {}, cfg.deterministic)
         if profile is not None:
-            if profile.get("tf32") and not cfg.deterministic:
-                torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
             applied = ", ".join(f"{k}={v}" for k, v in profile["applied"].items()) or "nothing new"
             self.out(f"using system profile {profile['path']} ({applied}); --profile off ignores it")
         self.device = resolve_device(cfg.device)
@@ -193,7 +228,11 @@ class Trainer:
 
     def _build_data(self) -> None:
         cfg, shard = self.cfg, dict(rank=self.dist.rank, world_size=self.dist.world_size)
+        if not self.dist.is_main:
+            barrier(self.dist)  # rank 0 alone downloads and builds the cache; the others then read it
         self.data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, val_size=cfg.val_size, seed=cfg.seed)
+        if self.dist.is_main:
+            barrier(self.dist)
         dtype, mean, std = self.amp_dtype or torch.float32, self.data.mean, self.data.std
         train_tf = BatchAugment(cfg.augment(), mean, std, dtype, self.channels_last)
         self.train_loader = TensorLoader(
@@ -250,17 +289,20 @@ class Trainer:
         self.ema = build_ema(cfg, self.model)
 
     def _weights_meta(self) -> WeightsMeta:
+        """What every weights file says about itself; data paths relative, never this machine's absolute ones."""
+        cfg, source = self.cfg, portable_path(str(self.data.source))
+        command = self.command.replace(cfg.data_dir, portable_path(cfg.data_dir)) if cfg.data_dir else self.command
         return WeightsMeta(
-            model=self.cfg.model, model_args=self.model_args, classes=self.data.classes, mean=list(self.data.mean),
-            std=list(self.data.std), dataset=self.cfg.dataset, data_dir=self.cfg.data_dir, run=self.dirs.name,
-            data_description=f"{self.cfg.dataset} test split ({len(self.data.test_labels)} images from {self.data.source})",
-            command=self.command,
+            model=cfg.model, model_args=self.model_args, classes=self.data.classes, mean=list(self.data.mean),
+            std=list(self.data.std), dataset=cfg.dataset, run=self.dirs.name, data_dir=portable_path(cfg.data_dir, name_only=False),
+            data_description=f"{cfg.dataset} test split ({len(self.data.test_labels)} images from {source})",
+            command=command,
         )
 
     # -- state ------------------------------------------------------------------------------------
-    def _state(self, epoch: int) -> dict:
+    def _state(self, epoch: int, ranks: list[dict]) -> dict:
         return {
-            "format": 1,
+            "format": 2,
             "config": self.cfg.to_dict(),
             "epoch": epoch,
             "step": self.step,
@@ -268,8 +310,12 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
-            "loader": self.train_loader.state_dict(),
-            "rng": rng_state(),
+            "world_size": self.dist.world_size,
+            "ranks": ranks,  # each rank's loader position and random streams, in rank order
+            "device_type": self.device.type,
+            "precision": PRECISION_NAMES[self.amp_dtype],
+            "process": self.process,  # the profile's TF32 / cudnn.benchmark, applied again on resume
+            "epoch_progress": vars(self.carried) if self.carried is not None else None,
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
             "history": self.history,
@@ -280,6 +326,9 @@ class Trainer:
             "budget": self.budget,
         }
 
+    def _rank_state(self) -> dict:
+        return {"loader": self.train_loader.state_dict(), "rng": rng_state()}
+
     def _load_state(self, state: dict, run_dir: Path) -> None:
         if state["model_args"]["num_classes"] != self.data.num_classes:
             raise ValueError(f"{run_dir} was trained on {state['model_args']['num_classes']} classes, this data has {self.data.num_classes}")
@@ -288,8 +337,10 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.module.load_state_dict(state["ema"])
-        self.train_loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
+        mine = rank_state(state, self.dist.rank)
+        same_device = state.get("device_type", self.device.type) == self.device.type
+        self.train_loader.load_state_dict(mine["loader"], generator=same_device)  # else re-seeded (epoch start)
+        set_rng_state(mine["rng"])
         self.start_epoch, self.step = int(state["epoch"]), int(state["step"])
         # The learning rate is a pure function of the step, so the schedule needs no saved state.
         self.scheduler.step_update(num_updates=self.step)
@@ -297,14 +348,19 @@ class Trainer:
         self.history = list(state["history"])
         self.budget = state.get("budget")
         self.resumed_mid_epoch = self.train_loader.batch > 0
+        if state.get("epoch_progress") and self.resumed_mid_epoch:
+            self.carried = StepStats(**state["epoch_progress"])
         where = f"epoch {self.start_epoch + 1}" + (f", batch {self.train_loader.batch + 1}" if self.resumed_mid_epoch else "")
-        self.out(f"resumed {run_dir} at {where} (step {self.step})")
+        moved = "" if same_device else f" (saved on {state['device_type']}: not bit-identical to staying there)"
+        self.out(f"resumed {run_dir} at {where} (step {self.step}){moved}")
 
     def save_last(self, epoch: int) -> None:
-        """The training state first, then the weights: each file is replaced atomically."""
+        """State, then last weights, then EMA weights (before best): each file replaced atomically.
+        Every rank takes part (each contributes its own random streams); rank 0 writes."""
+        ranks = gather_objects(self._rank_state(), self.dist)
         if not self.dist.is_main:
             return
-        save_state(self.dirs.checkpoints / "last.state.pt", self._state(epoch))
+        save_state(self.dirs.checkpoints / "last.state.pt", self._state(epoch, ranks))
         last = self.history[-1] if self.history else {}
         meta = self.meta.at(epoch, test_accuracy=last.get("test_acc"))
         save_weights(self.dirs.checkpoints / "last.safetensors", self.model.state_dict(), meta)
@@ -339,11 +395,16 @@ class Trainer:
         if not self.resumed_mid_epoch:
             self.train_loader.set_epoch(epoch)
         self.resumed_mid_epoch = False
+        if self._agree_stop():  # a signal that came during the last evaluation or checkpoint
+            self._save_and_stop(epoch)
         self.mixup.mixup_enabled = self.cfg.mixing and epoch < self.cfg.epochs - self.cfg.mix_off_epochs
         epoch_start = time.perf_counter()
         steps = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)  # the last may be partial
         stats = self.train_steps(steps - self.train_loader.batch, epoch)
+        if self.carried is not None:
+            stats, self.carried = self.carried + stats, None
         if self.stop.stop:
+            self.carried = stats
             self._save_and_stop(epoch)
         results = self.evaluate_epoch()
         row = self.log_epoch(epoch, stats, results, epoch_start)
@@ -352,7 +413,11 @@ class Trainer:
         return results.test
 
     def train_steps(self, n: int, epoch: int = 0) -> StepStats:
-        """Up to `n` optimizer steps from the loader's current position (fewer if the stop flag is raised)."""
+        """Up to `n` optimizer steps from the loader's current position (fewer if a stop is agreed).
+
+        Host synchronizations: one per --log-interval steps (the logged loss; under torchrun also the
+        stop decision, all-reduced so every rank stops at the same step) and one at the end.
+        """
         self.model.train()
         bar = tqdm(total=n, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False, disable=self._bars)
         loss_sum = torch.zeros((), device=self.device)
@@ -366,22 +431,39 @@ class Trainer:
             count, in_window = count + 1, in_window + 1
             bar.update(1)
             if self.step % self.cfg.log_interval == 0:
-                self._log_window((window / in_window).item(), epoch, bar)  # .item() only at the log interval
+                if self._log_window(window / in_window, epoch, bar):
+                    break
                 window.zero_()
                 in_window = 0
-            if self.stop.stop:
+            elif self.stop.stop and not self.dist.enabled:
                 break
+        totals = torch.stack([loss_sum, torch.full((), float(count), device=self.device)])
+        if self.reduce is not None:
+            self.reduce(totals)
+        self._agree_stop()
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
         bar.close()
-        mean_loss = (loss_sum / max(count, 1)).item()
+        loss_total, steps_total = totals.tolist()
+        mean_loss = loss_total / max(steps_total, 1)
         self._check_finite(mean_loss, epoch)
-        return StepStats(mean_loss, seconds, count * self.cfg.batch_size)
+        return StepStats(mean_loss, seconds, count * self.cfg.batch_size * self.dist.world_size, count)
+
+    def _agree_stop(self) -> bool:
+        """Whether any rank was asked to stop (under torchrun an all-reduce, so all ranks agree)."""
+        if self.dist.enabled:
+            flag = torch.full((), float(self.stop.stop), device=self.device)
+            self.reduce(flag)
+            self.stop.stop = bool(flag.item() > 0)
+        return self.stop.stop
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One optimizer step on a batch; returns the (detached) loss without synchronizing."""
-        x, target = self.mixup(x, y)
+        if self.mixup.mixup_enabled:
+            x, target = self.mixup(x, y)
+        else:  # the same smoothed targets, built directly: no even batch needed
+            target = mixup_target(y, self.data.num_classes, smoothing=self.cfg.label_smoothing)
         with autocast(self.device, self.amp_dtype):
             logits = self.forward(x)
         loss = self.criterion(logits.float(), target)
@@ -398,12 +480,26 @@ class Trainer:
             self.ema.update(self.model, step=self.step)
         return loss.detach()
 
-    def _log_window(self, value: float, epoch: int, bar) -> None:
+    def _log_window(self, mean: torch.Tensor, epoch: int, bar) -> bool:
+        """Log the mean loss since the last log (over all ranks); returns whether to stop now.
+
+        Under torchrun the loss and the stop flag travel in one all-reduce: every rank sees the same
+        non-finite loss and the same decision, so no rank waits in a collective for one that left.
+        """
+        values = torch.stack([mean.float(), torch.full((), float(self.stop.stop), device=self.device)])
+        if self.reduce is not None:
+            self.reduce(values)
+            values[0] /= self.dist.world_size
+        value, stop = values.tolist()  # the one synchronization of the logging interval
         self._check_finite(value, epoch)
         lr = self.optimizer.param_groups[0]["lr"]
         self.writer.add_scalar("train/loss", value, self.step)
         self.writer.add_scalar("train/lr", lr, self.step)
         bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.4f}")
+        if bar.disable:  # no bar (a log file, a batch job): a plain line per logging interval instead
+            self.out(f"  step {self.step}/{self.total_steps} (epoch {epoch + 1}): loss {value:.4f}, lr {lr:.5f}")
+        self.stop.stop = stop > 0
+        return self.stop.stop
 
     def _check_finite(self, value: float, epoch: int) -> None:
         if not math.isfinite(value):
@@ -414,11 +510,12 @@ class Trainer:
 
     def _save_and_stop(self, epoch: int) -> None:
         self.save_last(epoch)
-        self.out(f"interrupted: saved {self.dirs.checkpoints}/last.state.pt; continue with "
-                 f"python train.py --resume {self.dirs.checkpoints}")
         self._write_curves()
         self.writer.close()
-        raise KeyboardInterrupt
+        message = (f"stopped: saved {self.dirs.checkpoints}/last.state.pt at step {self.step}; continue with "
+                   f"python train.py --resume {self.dirs.checkpoints}")
+        self.out(message)
+        raise Stopped(message, self.stop.exit_code)
 
     # -- end of an epoch: evaluate, log, checkpoint --------------------------------------------------
     def evaluate_epoch(self) -> EpochEval:
@@ -483,19 +580,21 @@ class Trainer:
         w.flush()
 
     def checkpoint_epoch(self, epoch: int, ev: EpochEval) -> None:
-        """best.safetensors when the chosen split improved (raw or EMA, whichever is better on val), then last."""
-        chosen, split = (ev.val, "val") if ev.val is not None else (ev.test, "test")
+        """The state and last weights, then best.safetensors if the chosen split improved (raw or EMA,
+        whichever is better on val). A kill between the two leaves a resumable state."""
+        chosen, split = (ev.val, "validation") if ev.val is not None else (ev.test, "test")
         weights, test = self.model, ev.test
         if ev.ema_val is not None and ev.ema_val.accuracy > ev.val.accuracy:  # judged on val only, never on test
             chosen, weights, test = ev.ema_val, self.ema.module, ev.ema_test
-        if chosen.accuracy > self.best_metric:
+        improved = chosen.accuracy > self.best_metric
+        if improved:
             self.best_metric, self.best_epoch = chosen.accuracy, epoch + 1
-            accuracies = {f"{split}_accuracy": chosen.accuracy, "test_accuracy": test.accuracy}
-            meta = self.meta.at(epoch + 1, ema=weights is not self.model, **accuracies)
-            if self.dist.is_main:
-                save_weights(self.dirs.checkpoints / "best.safetensors", weights.state_dict(), meta)
         self.train_loader.set_epoch(epoch + 1)  # the state saved is "start of the next epoch"
         self.save_last(epoch + 1)
+        if improved and self.dist.is_main:
+            accuracies = {f"{'val' if split == 'validation' else split}_accuracy": chosen.accuracy, "test_accuracy": test.accuracy}
+            meta = self.meta.at(epoch + 1, ema=weights is not self.model, selected_on=split, **accuracies)
+            save_weights(self.dirs.checkpoints / "best.safetensors", weights.state_dict(), meta)
 
     def _print_epoch(self, epoch: int, row: dict, ev: EpochEval) -> None:
         extra = f", val {ev.val.accuracy:.2f}%" if ev.val is not None else ""

@@ -1,9 +1,13 @@
 """Several processes on the CPU with gloo: the same code path torchrun runs on GPUs with NCCL."""
 
 import os
+import random
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,7 +86,9 @@ def test_torchrun_launch_then_single_process_resume(tmp_path):
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("final test accuracy") == 1  # rank 0 alone reports
-    assert "(" in done.stdout and "/2000)" in done.stdout  # every test image counted once across ranks
+    found = re.search(r"final test accuracy: ([\d.]+)% \((\d+)/(\d+)\)", done.stdout)
+    assert found and int(found[3]) == 2000, "every test image counted once across ranks"
+    assert float(found[1]) == pytest.approx(100 * int(found[2]) / 2000, abs=0.005)
     state = load_state(tmp_path / "ck" / "tr" / "last.state.pt")
     assert state["step"] == 6 and not any(k.startswith("module.") for k in state["model"])
     # The distributed run's checkpoint resumes in one process (the finished run re-evaluates).
@@ -97,3 +103,54 @@ def test_sync_bn_on_cpu_is_a_clear_error(tmp_path):
     argv = [*COMMON, "--sync-bn", "--batch-size", "16", "--checkpoint-dir", str(tmp_path)]
     with pytest.raises(mp.ProcessRaisedException, match="--sync-bn needs GPUs"):
         mp.spawn(_worker, args=(2, _free_port(), argv), nprocs=2, join=True)
+
+
+def _torchrun(nproc: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py", *args]
+
+
+def test_sigterm_under_torchrun_saves_mid_epoch_and_resumes_bit_identically(tmp_path):
+    """What a cluster does: SIGTERM to the launcher at a random step; both ranks stop at the same step
+    within 30 s, rank 0 saves every rank's stream; a 2-process resume matches an unbroken run bit for bit,
+    and a 1-process resume is refused in one line (README: resume on the same number of processes)."""
+    demo = [
+        "--config", "configs/demo.yaml", "--epochs", "2", "--max-steps-per-epoch", "12", "--deterministic",
+        "--no-progress", "--profile", "off", "--log-interval", "1", "--checkpoint-dir", str(tmp_path / "ck"),
+        "--log-dir", str(tmp_path / "runs"), "--fig-dir", str(tmp_path / "fig"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    whole = subprocess.run(_torchrun(2, *demo, "--run-name", "whole"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    at = random.randint(2, 10)  # a random step of epoch 1 (12 steps)
+    launcher = subprocess.Popen(_torchrun(2, *demo, "--run-name", "cut"), cwd=ROOT, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    log = []
+    for line in launcher.stdout:
+        log.append(line)
+        if line.strip().startswith(f"step {at}/"):
+            launcher.send_signal(signal.SIGTERM)
+            sent = time.monotonic()
+            break
+    else:
+        pytest.fail(f"no 'step {at}/' line:\n" + "".join(log)[-3000:])
+    rest = launcher.communicate(timeout=60)[0]
+    assert time.monotonic() - sent < 30, f"the processes took {time.monotonic() - sent:.0f} s to stop"
+    assert launcher.returncode != 0 and "stopped: saved" in rest, rest[-3000:]
+    state = load_state(tmp_path / "ck" / "cut" / "last.state.pt")
+    batch = state["ranks"][0]["loader"]["batch"]
+    assert state["world_size"] == 2 and state["epoch"] == 0 and at <= batch < 12, (at, batch)
+    assert [r["loader"]["batch"] for r in state["ranks"]] == [batch, batch] and state["step"] == batch
+    assert not torch.equal(state["ranks"][0]["loader"]["generator"], state["ranks"][1]["loader"]["generator"])
+
+    one = subprocess.run([sys.executable, "train.py", "--resume", str(tmp_path / "ck" / "cut")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 2 and one.stderr.count("\n") == 1, one.stderr[-3000:]
+    assert "saved by 2 process(es) and this run has 1" in one.stderr
+
+    resumed = subprocess.run(_torchrun(2, "--resume", str(tmp_path / "ck" / "cut"), "--no-progress"), cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = load_file(tmp_path / "ck" / "whole" / "last.safetensors")
+    b = load_file(tmp_path / "ck" / "cut" / "last.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), f"stopped after step {batch}: weights differ from the unbroken run"

@@ -54,13 +54,21 @@ def run_json(capsys, fn, argv):
     return json.loads(capsys.readouterr().out)
 
 
-def independent(path, ds):
+def independent(path, ds, flip=False):
+    """Accuracy and per-class accuracy computed here, without the package's loaders (with flip: the mean
+    softmax of each image and its mirror, what --tta flip means)."""
     model = create_model("preactresnet18", **ARGS)
     model.load_state_dict(load_file(path))
     model.eval()
     x = (ds.test_images.float() / 255 - torch.tensor(ds.mean).view(1, 3, 1, 1)) / torch.tensor(ds.std).view(1, 3, 1, 1)
+
+    def probs(v):
+        return model(v.contiguous(memory_format=torch.channels_last)).softmax(1)
+
     with torch.no_grad():
-        pred = torch.cat([model(x[i : i + 500].contiguous(memory_format=torch.channels_last)).argmax(1) for i in range(0, len(x), 500)])
+        pred = torch.cat([
+            (probs(x[i : i + 500]) + (probs(x[i : i + 500].flip(3)) if flip else 0)).argmax(1) for i in range(0, len(x), 500)
+        ])
     right = pred == ds.test_labels
     per_class = [100 * float(right[ds.test_labels == c].float().mean()) for c in range(10)]
     return 100 * float(right.float().mean()), per_class
@@ -77,12 +85,14 @@ def test_accuracy_matches_an_independent_computation(checkpoint, sample_dataset,
         assert (tmp_path / "fig" / "tiny" / name).stat().st_size > 100
 
 
-def test_tta_keeps_the_plain_figure_and_text_matches_json(checkpoint, capsys, tmp_path):
+def test_tta_keeps_the_plain_figure_and_text_matches_json(checkpoint, sample_dataset, capsys, tmp_path):
     base = ["--checkpoint", str(checkpoint), "--amp", "off", "--no-figures"]
     plain = run_json(capsys, main_test, [*base, "--json"])
     for mode in ("flip", "flip-translate"):
         r = run_json(capsys, main_test, [*base, "--json", "--tta", mode])
-        assert r["accuracy"] == plain["accuracy"] and r["tta_accuracy"] is not None
+        assert r["accuracy"] == plain["accuracy"] and 0 < r["tta_accuracy"] <= 100
+        if mode == "flip":
+            assert r["tta_accuracy"] == pytest.approx(independent(checkpoint, sample_dataset, flip=True)[0], abs=0.051)
     main_test([*base, "--tta", "flip"])
     text = capsys.readouterr().out
     assert f"test accuracy: {plain['accuracy']:.2f}%" in text and "with TTA (flip)" in text

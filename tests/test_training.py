@@ -51,14 +51,15 @@ def _weights(path):
     return load_file(path)
 
 
-def interrupt_at(t, step):
-    """Send a real SIGINT (Ctrl-C) right after optimizer step `step` of trainer `t`."""
+def interrupt_at(t, step, sig=signal.SIGINT, times=1):
+    """Send a real signal (default SIGINT, Ctrl-C) `times` times right after optimizer step `step` of `t`."""
     original = t.scheduler.step_update
 
     def step_update(num_updates, metric=None):
         original(num_updates=num_updates)
         if num_updates == step:
-            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(times):
+                os.kill(os.getpid(), sig)
 
     t.scheduler.step_update = step_update
 
@@ -92,7 +93,7 @@ def test_interrupt_mid_epoch_resumes_exactly(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         a.fit()
     state = load_state(tmp_path / "ck" / "cut" / "last.state.pt")
-    assert state["step"] == 2 and state["loader"]["batch"] == 2
+    assert state["step"] == 2 and state["ranks"][0]["loader"]["batch"] == 2 and state["world_size"] == 1
     trainer(tmp_path, "--resume", "cut", "--checkpoint-dir", str(tmp_path / "ck")).fit()
     x = _weights(tmp_path / "ck" / "straight" / "last.safetensors")
     y = _weights(tmp_path / "ck" / "cut" / "last.safetensors")

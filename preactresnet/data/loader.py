@@ -84,10 +84,12 @@ class TensorLoader:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batch": self.batch, "generator": self.generator.get_state()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch = int(state["epoch"])
+    def load_state_dict(self, state: dict, generator: bool = True) -> None:
+        """The saved position; generator=False (another device type's state) re-seeds the epoch's stream."""
+        self.set_epoch(int(state["epoch"]))
         self.batch = int(state["batch"])
-        self.generator.set_state(state["generator"].cpu())  # generator states are CPU byte tensors
+        if generator:
+            self.generator.set_state(state["generator"].cpu())  # generator states are CPU byte tensors
 
     def _indices(self) -> torch.Tensor:
         n = len(self.labels)

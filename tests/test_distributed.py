@@ -154,3 +154,31 @@ def test_sigterm_under_torchrun_saves_mid_epoch_and_resumes_bit_identically(tmp_
     a = load_file(tmp_path / "ck" / "whole" / "last.safetensors")
     b = load_file(tmp_path / "ck" / "cut" / "last.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a), f"stopped after step {batch}: weights differ from the unbroken run"
+
+
+def _timed_load_worker(rank: int, world: int, port: int, argv: list[str], log: str) -> None:
+    """A worker whose data loading writes when it began and ended (rank 0 takes a second longer)."""
+    import preactresnet.training as training
+
+    real = training.load_dataset
+
+    def load(*args, **kwargs):
+        began = time.time()
+        if rank == 0:
+            time.sleep(1.0)
+        data = real(*args, **kwargs)
+        with open(log, "a") as f:
+            f.write(f"{rank} {began} {time.time()}\n")
+        return data
+
+    training.load_dataset = load
+    _worker(rank, world, port, argv)
+
+
+def test_rank_zero_builds_the_data_before_the_others_read_it(tmp_path):
+    log = tmp_path / "loads.txt"
+    argv = [*COMMON, "--batch-size", "16", "--checkpoint-dir", str(tmp_path / "ck"), "--log-dir", str(tmp_path / "runs"),
+            "--fig-dir", str(tmp_path / "fig")]
+    mp.spawn(_timed_load_worker, args=(2, _free_port(), argv, str(log)), nprocs=2, join=True)
+    loads = {int(r): (float(b), float(e)) for r, b, e in (line.split() for line in log.read_text().splitlines())}
+    assert loads[1][0] >= loads[0][1], "rank 1 began reading before rank 0 had finished downloading and caching"

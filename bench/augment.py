@@ -12,6 +12,7 @@ it. Warm-up batches are excluded from both timings; each figure is the median of
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import statistics
 import sys
@@ -80,12 +81,19 @@ def time_batched(images, cfg, mean, std, batch, batches, device, dtype, channels
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    # A host seed per batch, as the training loader passes (no device read per batch); older trees lack it.
+    seeded = "seed" in inspect.signature(aug.__call__).parameters
+
+    def run(i: int):
+        batch_x = x[(i % n) * batch : (i % n + 1) * batch]
+        return aug(batch_x, g, seed=f"0:0:0:{i}") if seeded else aug(batch_x, g)
+
     for i in range(3):  # warm-up
-        aug(x[(i % n) * batch : (i % n + 1) * batch], g)
+        run(i)
     sync()
     start = time.perf_counter()
     for i in range(batches):
-        aug(x[(i % n) * batch : (i % n + 1) * batch], g)
+        run(3 + i)
     sync()
     return batches * batch / (time.perf_counter() - start)
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU figures for BENCHMARKS.md, in one run of under ten minutes on one modern GPU:
 #   1. training images/s of PreActResNet18 and ResNeXt-29 8x64d (trainer vs the plain reference loop)
-#   2. wall time for PreActResNet18 to first reach 94% test accuracy on CIFAR-10 (configs/fast.yaml)
+#   2. host synchronizations per training step (the calls, and CUDA's sync debug mode), and the
+#      CUDA-only tests (cuda:N, fused optimizers, a step that raises on any synchronization)
+#   3. wall time for PreActResNet18 to first reach 94% test accuracy on CIFAR-10 (configs/fast.yaml)
 # Usage: bash bench/gpu.sh [DATA]   (DATA: CIFAR-10 archive/folder; default ../shared/data/cifar10-jpeg.tar.gz)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +18,12 @@ echo "== throughput"
 "$PY" bench/train_throughput.py --device cuda --data-dir "$DATA" --model preactresnet18 --batch-size 512 --steps 40 --warmup 10 --workers 8
 "$PY" bench/train_throughput.py --device cuda --data-dir "$DATA" --model resnext29_8x64d --batch-size 256 --steps 20 --warmup 5 --workers 8
 "$PY" bench/augment.py --device cuda --data-dir "$DATA"
+
+echo "== host synchronizations per step (issue 15's command, then the whole package)"
+"$PY" bench/sync_count.py --device cuda
+"$PY" bench/sync_count.py --where preactresnet/ --config configs/demo.yaml --epochs 1 --max-steps-per-epoch 30 \
+    --jitter-prob 0.8 --erase-prob 0.25 --mix-prob 0.5 --device cuda
+"$PY" -m pytest -q tests/test_sync.py -k cuda
 
 echo "== time to 94% (PreActResNet18, configs/fast.yaml)"
 "$PY" train.py --config configs/fast.yaml --data-dir "$DATA" --run-name gpu-fast --no-progress --profile off \

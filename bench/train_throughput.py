@@ -5,7 +5,8 @@
 Both sides train the same network from the zoo on the same real CIFAR-10 images with the same
 augmentations (RandomCrop, RandomHorizontalFlip, ColorJitter, RandomErasing), on the same machine in
 the same run:
-  reference  fp32, NCHW, torchvision DataLoader (one worker per core) with PIL transforms, SGD,
+  reference  fp32 (TF32 convolutions on GPUs, PyTorch's default), NCHW, torchvision DataLoader (one
+             worker per core, pinned memory on GPUs) with PIL transforms, SGD,
              cross-entropy: the hand-written loop of kuangliu/pytorch-cifar and its many copies
   trainer    preactresnet.training.Trainer's own epoch loop with its defaults for this machine:
              uint8 data resident on the device, batched augmentation, MixUp/CutMix, label smoothing,
@@ -39,7 +40,8 @@ def reference(ds, cfg: TrainConfig, steps: int, warmup: int, workers: int, devic
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     n = (steps + warmup + 1) * cfg.batch_size
     data = PILDataset(ds.train_images[:n], ds.train_labels[:n], torchvision_pipeline(cfg.augment(), ds.mean, ds.std))
-    loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, shuffle=True, num_workers=workers, drop_last=True)
+    loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, shuffle=True, num_workers=workers, drop_last=True,
+                                         pin_memory=device.type == "cuda")  # else non_blocking copies are synchronous
     model.train()
     start = None
     for i, (x, y) in enumerate(loader):
@@ -63,12 +65,15 @@ def _sync(device: torch.device) -> None:
 
 
 def trainer_path(cfg: TrainConfig, steps: int, warmup: int) -> tuple[float, str]:
+    """Timed: `steps` whole training steps, augmentation included; the epoch's shuffle is made before."""
     t = Trainer.from_config(cfg, out=lambda *a: None)
     t.train_loader.set_epoch(0)
     t.train_steps(warmup)  # warm-up: first-touch allocations, oneDNN kernel choice
-    t.train_loader.set_epoch(1)
+    t.train_loader.set_epoch(1)  # the epoch's order is drawn and moved to the device here, untimed
     stats = t.train_steps(steps)
-    how = f"{t.amp_dtype or torch.float32}, channels_last={t.channels_last}, device={t.device}"
+    tf32 = t.device.type == "cuda" and torch.backends.cudnn.allow_tf32
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(t.amp_dtype, "fp32 (TF32 convolutions)" if tf32 else "fp32")
+    how = f"{precision}, channels_last={t.channels_last}, device={t.device}"
     return stats.images / stats.seconds, how
 
 
@@ -99,7 +104,9 @@ def main() -> None:
     from preactresnet.system import resolve_device
 
     ref = reference(ds, cfg, args.steps, args.warmup, args.workers, resolve_device(args.device))
-    print(f"reference loop (fp32, NCHW, DataLoader x{args.workers} + PIL) : {ref:8.1f} images/s")
+    device = resolve_device(args.device)
+    fp32 = "fp32 (TF32 convolutions)" if device.type == "cuda" and torch.backends.cudnn.allow_tf32 else "fp32"
+    print(f"reference loop ({fp32}, NCHW, DataLoader x{args.workers} + PIL) : {ref:8.1f} images/s")
     print(f"preactresnet Trainer ({how}) : {ours:8.1f} images/s  ({ours / ref:.2f}x)")
 
 

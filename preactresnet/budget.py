@@ -106,11 +106,11 @@ def calibrate(trainer) -> Calibration:
         if trainer.train_loader.batch >= trainer.steps_per_epoch:
             trainer.train_loader.set_epoch(trainer.train_loader.epoch + 1)
         stats = trainer.train_steps(min(5, trainer.steps_per_epoch - trainer.train_loader.batch))
-        steps, seconds = steps + stats.images // trainer.cfg.batch_size, seconds + stats.seconds
+        steps, seconds = steps + stats.steps, seconds + stats.seconds
     start = time.perf_counter()
     trainer.evaluate_epoch()
     if trainer.device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(trainer.device)
     return Calibration(seconds / steps, time.perf_counter() - start, trainer.cfg.batch_size)
 
 

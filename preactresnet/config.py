@@ -83,11 +83,12 @@ class TrainConfig:
     time_budget: str = setting("", S, "train as long as fits this wall-clock budget here instead of --epochs: 90s, 10m, 2h, 1h30m")
     total_steps: int = setting(0, S, "stop after this many optimizer steps, schedule fitted to them (0: epochs x steps/epoch)")
     device: str = setting("auto", P, "auto | cpu | cuda | cuda:N")
-    amp: str = setting("auto", P, "mixed precision: auto (bf16 where the hardware has it) | bf16 | fp16 | off")
+    amp: str = setting("auto", P, "mixed precision: auto (bf16 where native: CUDA 8.0+, AVX512-BF16/AMX CPUs; else fp16 on GPUs, fp32 on CPUs) | bf16 | fp16 | off")
     channels_last: str = setting("auto", P, "NHWC memory format: auto | on | off")
     compile: bool = setting(False, P, "torch.compile the model")
     threads: int = setting(0, P, "CPU threads for PyTorch (0: PyTorch's choice)")
     profile: str = setting("auto", P, "optimize_system.py's measured settings: auto (if made here) | off | PATH")
+    sync_debug: bool = setting(False, P, "CUDA: warn at every host synchronization (torch.cuda.set_sync_debug_mode)")
     run_name: str = setting("", R, "run name (default: <model>-<date>-<time>)")
     checkpoint_dir: str = setting("checkpoints", R, "where run folders with checkpoints go")
     log_dir: str = setting("runs", R, "where TensorBoard logs and metrics.csv go")
@@ -163,7 +164,9 @@ class TrainConfig:
 
 
 # Settings a resumed run may change: they alter speed or output, never the numbers it computes.
-RESUMABLE_OVERRIDES = {"device", "threads", "progress", "log_interval", "resume", "compile", "data_dir", "download", "profile"}
+RESUMABLE_OVERRIDES = {
+    "device", "threads", "progress", "log_interval", "resume", "compile", "data_dir", "download", "profile", "sync_debug",
+}
 
 
 def _field_types() -> dict[str, type]:

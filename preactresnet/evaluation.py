@@ -36,26 +36,32 @@ def confusion_counts(confusion: torch.Tensor) -> tuple[int, int, list[float]]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, num_classes: int, amp_dtype: torch.dtype | None = None, reduce=None) -> EvalResult:
-    """Every image of `loader` once; `reduce` (e.g. an all-reduce) sums counts across processes."""
+    """Every image of `loader` once; `reduce` (e.g. an all-reduce) sums counts across processes.
+
+    Counted on the device without a host synchronization per batch: the confusion matrix of a batch is
+    one-hot(true)^T @ one-hot(predicted), exact and deterministic (bincount's output size depends on the
+    data, so it reads the device). The one read back is at the end of the pass.
+    """
     was_training = model.training
     model.eval()
-    device = loader.device
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+    device, k = loader.device, num_classes
+    totals = torch.zeros(1 + k * k, dtype=torch.float64, device=device)  # [loss sum, confusion counts], exact below 2**53
     for x, y in loader:
         with autocast(device, amp_dtype):
             logits = model(x)
         logits = logits.float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-        confusion += torch.bincount(y * num_classes + logits.argmax(dim=1), minlength=num_classes * num_classes)
+        totals[:1] += F.cross_entropy(logits, y, reduction="sum").double()
+        classes = torch.arange(k, device=device)  # F.one_hot would check its input's range: a sync
+        truth, predicted = (y[:, None] == classes).float(), (logits.argmax(dim=1)[:, None] == classes).float()
+        totals[1:] += (truth.T @ predicted).view(-1).double()
     if reduce is not None:
-        reduce(loss_sum)
-        reduce(confusion)
+        reduce(totals)
     model.train(was_training)
-    confusion = confusion.view(num_classes, num_classes).cpu()
+    totals = totals.cpu()
+    confusion = totals[1:].round().long().view(k, k)
     correct, total, per_class = confusion_counts(confusion)
     return EvalResult(
-        loss=float(loss_sum) / max(total, 1),
+        loss=float(totals[0]) / max(total, 1),
         accuracy=100.0 * correct / max(total, 1),
         correct=correct,
         total=total,

@@ -161,7 +161,7 @@ def from_pretrained(spec: str, device: torch.device | str = "cpu") -> nn.Module:
     The returned model carries `pretrained_config` (classes, normalization, accuracy).
     """
     folder = resolve_pretrained(spec)
-    loaded = load_model(folder / WEIGHTS_NAME, device)
+    loaded = load_model(folder / WEIGHTS_NAME, device, channels_last=False)  # for users' own (NCHW) tensors
     config_file = folder / CONFIG_NAME
     config = json.loads(config_file.read_text()) if config_file.is_file() else dict(loaded.meta)
     loaded.model.pretrained_config = config

@@ -61,8 +61,9 @@ class LoadedModel:
         return tuple(self.meta["std"])
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
-    """Rebuild the model a weights file names and load it strictly (any missing or extra key is an error)."""
+def load_model(path: str | Path, device: torch.device | str = "cpu", channels_last: bool = True) -> LoadedModel:
+    """Rebuild the model a weights file names and load it strictly (any missing or extra key is an error).
+    channels_last: the memory format of the batches test.py and predict.py feed (no reformat per call)."""
     path = Path(path)
     state, meta = load_weights(path)
     check_metadata(meta, path)
@@ -77,7 +78,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
             f"{path} does not fit {meta['model']}: {len(result.missing_keys)} missing keys "
             f"{result.missing_keys[:2]}, {len(result.unexpected_keys)} unexpected {result.unexpected_keys[:2]}"
         )
-    model.to(device).eval()
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
     return LoadedModel(model, meta, path)
 
 

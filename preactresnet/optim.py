@@ -36,9 +36,14 @@ def param_groups(cfg: TrainConfig, model: nn.Module) -> list[dict]:
     return groups
 
 
+FUSED_ON_CUDA = ("sgd", "adamw", "adagrad")  # torch's fused kernels (timm passes `fused` through)
+
+
 def build_optimizer(cfg: TrainConfig, model: nn.Module, lr_scale: float = 1) -> torch.optim.Optimizer:
     # timm's 'sgd' is Nesterov SGD; its 'muon' orthogonalizes conv/linear updates, AdamW for the rest.
     extra = {"nesterov": True} if cfg.optimizer == "muon" else {}
+    if cfg.optimizer in FUSED_ON_CUDA and next(model.parameters()).is_cuda:
+        extra["fused"] = True  # one kernel for all parameters, and GradScaler's fp16 check stays on the GPU
     # Every group starts at the base lr: the scheduler applies each group's 'lr_scale' from its first step on.
     return create_optimizer_v2(
         param_groups(cfg, model), opt=cfg.optimizer, lr=cfg.lr * lr_scale, weight_decay=cfg.weight_decay,

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .data.augment import AugmentConfig, BatchAugment
 from .fileio import first_line
 from .models import check_model_name, create_model
 from .profile import write_profile
@@ -78,7 +79,8 @@ def candidates(device: torch.device, quick: bool) -> list[dict]:
     threads = os.cpu_count() or 1
     rows = []
     if device.type == "cuda":
-        precisions = ["fp32", "tf32", "bf16", "fp16"] if torch.cuda.is_bf16_supported() else ["fp32", "tf32", "fp16"]
+        native_bf16 = torch.cuda.get_device_capability(device) >= (8, 0)
+        precisions = ["fp32", "tf32", "bf16", "fp16"] if native_bf16 else ["fp32", "tf32", "fp16"]
         for amp in precisions:
             for cl in ("off", "on"):
                 rows.append({"amp": amp, "channels_last": cl, "threads": 0, "compile": False, "cudnn_benchmark": True})
@@ -105,9 +107,10 @@ def _settings(device: torch.device, c: dict):
             torch.set_num_threads(c["threads"])
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = c.get("cudnn_benchmark", True)
-            tf32 = c["amp"] == "tf32"
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-            torch.backends.cudnn.allow_tf32 = tf32
+            # "fp32" is what train.py --amp off runs: PyTorch's defaults, TF32 convolutions and fp32 matmuls
+            # (a baseline without TF32 at all would overstate every speed-up); "tf32" adds TF32 matmuls.
+            torch.backends.cuda.matmul.allow_tf32 = c["amp"] == "tf32"
+            torch.backends.cudnn.allow_tf32 = True
         yield
     finally:
         torch.set_num_threads(saved[0])
@@ -116,7 +119,8 @@ def _settings(device: torch.device, c: dict):
 
 
 def time_setting(model_name: str, width_mult: float, batch: int, device: torch.device, c: dict, warmup: int, steps: int) -> float:
-    """Images per second of full training steps (forward, backward, SGD step), warm-up excluded."""
+    """Images per second of whole training steps as train.py runs them (batched augmentation of uint8
+    images on the device, forward, backward, SGD step), warm-up excluded."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c["amp"])
     fmt = torch.channels_last if c["channels_last"] == "on" else torch.contiguous_format
     with _settings(device, c):
@@ -125,10 +129,13 @@ def time_setting(model_name: str, width_mult: float, batch: int, device: torch.d
         step_model = torch.compile(model) if c["compile"] else model
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+        images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=device)
+        augment = BatchAugment(AugmentConfig(), (0.49, 0.48, 0.45), (0.25, 0.24, 0.26), dtype or torch.float32, fmt == torch.channels_last)
+        g = torch.Generator(device=device).manual_seed(0)
         y = torch.randint(0, 10, (batch,), device=device)
 
-        def step():
+        def step(i: int):
+            x = augment(images, g, seed=i)
             with autocast(device, dtype):
                 loss = F.cross_entropy(step_model(x).float(), y)
             opt.zero_grad(set_to_none=True)
@@ -136,20 +143,27 @@ def time_setting(model_name: str, width_mult: float, batch: int, device: torch.d
             scaler.step(opt)
             scaler.update()
 
-        for _ in range(warmup):
-            step()
+        for i in range(warmup):
+            step(i)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        for _ in range(steps):
-            step()
+        for i in range(steps):
+            step(warmup + i)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return steps * batch / (time.perf_counter() - start)
 
 
+def timing_steps(device: torch.device, quick: bool) -> tuple[int, int]:
+    """(warm-up, timed) steps per setting: GPU steps take milliseconds, so enough of them, even with --quick."""
+    if device.type == "cuda":
+        return (5, 20) if quick else (10, 50)
+    return (1, 2) if quick else (3, 10)
+
+
 def measure(model_name: str, batch: int, device: torch.device, quick: bool, width_mult: float = 1.0, out=print) -> list[dict]:
-    warmup, steps = (1, 2) if quick else (3, 10)
+    warmup, steps = timing_steps(device, quick)
     rows = []
     for c in candidates(device, quick):
         try:
@@ -168,7 +182,9 @@ def measure(model_name: str, batch: int, device: torch.device, quick: bool, widt
 
 
 def describe(c: dict) -> str:
-    parts = [c["amp"], "channels_last" if c["channels_last"] == "on" else "NCHW"]
+    gpu_names = {"fp32": "fp32 (TF32 convs, the default)", "tf32": "TF32 convs + matmuls"}
+    precision = gpu_names.get(c["amp"], c["amp"]) if "cudnn_benchmark" in c else c["amp"]  # only GPU rows have it
+    parts = [precision, "channels_last" if c["channels_last"] == "on" else "NCHW"]
     if c.get("threads"):
         parts.append(f"{c['threads']} threads")
     if "cudnn_benchmark" in c:
@@ -237,4 +253,4 @@ def run(args) -> None:
         print(line)
 
 
-__all__ = ["measure", "raise_priority", "run", "system_report"]
+__all__ = ["measure", "raise_priority", "run", "system_report", "timing_steps"]

@@ -251,7 +251,7 @@ def print_checkpoints_table(rows: list[dict], figure: Path | None) -> None:
 
 def predict_images(lm: LoadedModel, files: list[Path], device, tta: str, top_k: int, show: bool) -> tuple[list[dict], int]:
     """Top-k classes of every image; unreadable files are reported on stderr and counted, not fatal."""
-    tf = BatchAugment(None, lm.mean, lm.std)
+    tf = BatchAugment(None, lm.mean, lm.std, channels_last=True)  # the model's memory format (load_model)
     k = max(1, min(top_k, len(lm.classes)))
     results, failed = [], 0
     for path in files:

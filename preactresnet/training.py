@@ -220,6 +220,8 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
+        if self.device.type == "cuda":  # cuda:N: synchronize, the bf16 check and new tensors all mean this GPU
+            torch.cuda.set_device(self.device)
         # Linear scaling rule (Goyal et al. 2017): the global batch grew world_size times. The config
         # keeps the unscaled values, so a resume under another world size scales afresh.
         self.lr_scale = self.dist.world_size if self.dist.enabled and cfg.scale_lr else 1
@@ -273,7 +275,8 @@ class Trainer:
         self.forward, self.reduce = self.model, None  # what a step calls; how counts are summed over ranks
         if self.dist.enabled:
             ids = [self.dist.local_rank] if self.device.type == "cuda" else None
-            self.forward = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)  # broadcasts rank 0's weights
+            # Broadcasts rank 0's weights; gradients live in the all-reduce buckets (no copy in and out).
+            self.forward = nn.parallel.DistributedDataParallel(self.model, device_ids=ids, gradient_as_bucket_view=True)
             seed_everything(cfg.seed + self.dist.rank)  # different dropout masks on each rank
             self.reduce = all_reduce_sum
         if cfg.compile:
@@ -380,6 +383,7 @@ class Trainer:
         self._open_outputs()
         epochs = tqdm(range(self.start_epoch, cfg.epochs), desc="epochs", disable=self._bars, initial=self.start_epoch, total=cfg.epochs)
         final: EvalResult | None = None
+        self._sync_debug()
         with self.stop:
             for epoch in epochs:
                 final = self.run_epoch(epoch)
@@ -389,6 +393,16 @@ class Trainer:
         if final is None:  # resumed a finished run
             final = evaluate(self.model, self.test_loader, self.data.num_classes, self.amp_dtype, self.reduce)
         return self._report(final)
+
+    def _sync_debug(self) -> None:
+        """--sync-debug: CUDA warns at each host synchronization (logging, epoch ends and checkpoints have some)."""
+        if not self.cfg.sync_debug:
+            return
+        if self.device.type != "cuda":
+            self.out("--sync-debug watches CUDA only; on this device count the calls with python bench/sync_count.py")
+            return
+        torch.cuda.set_sync_debug_mode("warn")
+        self.out("--sync-debug: a warning marks each host synchronization; a clean step has none between log lines")
 
     def run_epoch(self, epoch: int) -> EvalResult:
         """Train what is left of `epoch`, then evaluate, log and checkpoint; returns the test result."""

@@ -8,7 +8,9 @@ sample they run one image at a time on the CPU, which is what starves a GPU (see
 
 from __future__ import annotations
 
+import functools
 import math
+import random
 from dataclasses import dataclass, fields
 
 import torch
@@ -53,8 +55,14 @@ class AugmentConfig:
             raise ValueError(f"erase_ratio must be 0 < lo <= hi, got {self.erase_ratio}")
 
 
+@functools.lru_cache(maxsize=64)
+def constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A 1 x C x 1 x 1 constant, built once per device and dtype: no host-to-device copy per step."""
+    return torch.tensor(values, device=device, dtype=dtype).view(1, -1, 1, 1)
+
+
 def _luma(img: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(_LUMA, device=img.device, dtype=img.dtype).view(1, 3, 1, 1)
+    return constant(_LUMA, img.device, img.dtype)
 
 
 def _blend(img: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -92,7 +100,7 @@ def adjust_hue(img: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     from_r = (g - b).mul_(inv).sub_(h6)
     from_g = (b - r).mul_(inv).add_(2.0).sub_(h6)
     h6.add_(from_r.mul_(is_r)).add_(from_g.mul_(is_g)).add_(shift.view(-1, 1, 1), alpha=6.0)
-    k = h6.unsqueeze(1) + torch.tensor((5.0, 3.0, 1.0), device=img.device, dtype=img.dtype).view(1, 3, 1, 1)
+    k = h6.unsqueeze(1) + constant((5.0, 3.0, 1.0), img.device, img.dtype)
     k.sub_(torch.floor(k * (1.0 / 6.0)).mul_(6.0))  # k mod 6
     w = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
     return w.mul_(chroma.unsqueeze(1)).neg_().add_(maxc.unsqueeze(1))
@@ -119,14 +127,17 @@ class BatchAugment:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     # -- parameters --------------------------------------------------------------------------
-    def sample_params(self, batch: int, height: int, width: int, device, generator=None) -> dict:
+    def sample_params(self, batch: int, height: int, width: int, device, generator=None, seed=None) -> dict:
         """Draw every sample's own parameters (offsets, flips, jitter factors, erase boxes).
 
-        All uniforms come from one draw of batch x 32 numbers: a dozen small RNG calls cost more
-        than the transforms themselves on the CPU.
+        All uniforms come from one draw of batch x 32 numbers on the device: a dozen small RNG calls
+        cost more than the transforms themselves on the CPU, and nothing here waits for the device.
+        `seed` (a host value: the loader's epoch, rank and batch) draws what Python must know, the
+        colour-op order; without it that order comes from `generator` at the cost of one sync.
         """
         cfg = self.config
         u = torch.rand(batch, 32, generator=generator, device=device)
+        host = random.Random(seed) if seed is not None else None
         p = cfg.crop_padding
         crop = u[:, 0] < cfg.crop_prob
         centre = torch.full((batch,), p, device=device, dtype=torch.int64)
@@ -136,7 +147,16 @@ class BatchAugment:
             "dx": torch.where(crop, offsets[:, 1], centre),
             "flip": u[:, 3] < cfg.flip_prob,
         }
-        jitter = u[:, 4] < cfg.jitter_prob
+        if host is not None:
+            # Which samples get jitter, without reading the device: a binomial count drawn on the host,
+            # then that many samples chosen uniformly on the device. Together that is exactly the
+            # independent per-sample coin of torchvision's RandomApply, and the count is known here.
+            count = sum(host.random() < cfg.jitter_prob for _ in range(batch)) if cfg.jitter_prob > 0 else 0
+            chosen = torch.randperm(batch, generator=generator, device=device)[:count] if count else None
+            params["jitter_index"] = chosen if count else torch.zeros(0, dtype=torch.int64, device=device)
+            jitter = torch.zeros(batch, dtype=torch.bool, device=device).index_fill_(0, params["jitter_index"], True)
+        else:
+            jitter = u[:, 4] < cfg.jitter_prob
         one = torch.ones(batch, device=device)
         for col, name in ((5, "brightness"), (6, "contrast"), (7, "saturation")):
             s = getattr(cfg, name)
@@ -144,7 +164,10 @@ class BatchAugment:
             params[name] = torch.where(jitter, lo + (hi - lo) * u[:, col], one)
         params["hue"] = torch.where(jitter, cfg.hue * (2.0 * u[:, 8] - 1.0), one - 1.0)
         # torchvision shuffles the four colour ops per call; here once per batch, to stay vectorized.
-        params["jitter_order"] = torch.randperm(4, generator=generator, device=device).tolist()
+        if host is not None:
+            params["jitter_order"] = host.sample(range(4), 4)
+        else:
+            params["jitter_order"] = torch.randperm(4, generator=generator, device=device).tolist()
         params["jitter"] = jitter
         params.update(self._erase_boxes(u[:, 9:], height, width))
         return params
@@ -177,13 +200,15 @@ class BatchAugment:
 
     # -- application --------------------------------------------------------------------------
     def __call__(
-        self, images: torch.Tensor, generator: torch.Generator | None = None, flip: torch.Tensor | None = None
+        self, images: torch.Tensor, generator: torch.Generator | None = None, flip: torch.Tensor | None = None,
+        seed: str | int | None = None,
     ) -> torch.Tensor:
-        """`flip` (bool per sample), when given, replaces the random flips: the loader's alternating flip."""
+        """`flip` (bool per sample), when given, replaces the random flips: the loader's alternating flip.
+        `seed`: see `sample_params`; the loader passes one, so a training step never synchronizes."""
         if self.config is None:
             return self.normalize(images)
         b, _, h, w = images.shape
-        params = self.sample_params(b, h, w, images.device, generator)
+        params = self.sample_params(b, h, w, images.device, generator, seed)
         if flip is not None:
             params["flip"] = flip
         return self.apply(images, params)
@@ -198,25 +223,33 @@ class BatchAugment:
         # Colour maths in NCHW, where each channel plane is contiguous (measured 1.4x faster than
         # channels_last); the layout the model wants is made once, at the end.
         x = x.float().div_(255.0)
-        chosen = params["jitter"].nonzero().squeeze(1)
-        if chosen.numel():
-            # Only the samples drawn for jitter pay for it (jitter_prob of them).
-            sub = x.index_select(0, chosen)
-            ops = {
-                0: (cfg.brightness, adjust_brightness, "brightness"),
-                1: (cfg.contrast, adjust_contrast, "contrast"),
-                2: (cfg.saturation, adjust_saturation, "saturation"),
-                3: (cfg.hue, adjust_hue, "hue"),
-            }
-            for i in params["jitter_order"]:
-                strength, fn, key = ops[i]
-                if strength > 0:
-                    sub = fn(sub, params[key].index_select(0, chosen))
-            x.index_copy_(0, chosen, sub)
+        if cfg.jitter_prob > 0:
+            x = self._jitter(x, params)
         x = self._standardize(x)
         if cfg.erase_prob > 0:
             x = self._erase(x, params)
         return self._finish(x)
+
+    def _jitter(self, x: torch.Tensor, params: dict) -> torch.Tensor:
+        """Colour jitter, paid for by the samples drawn for it only (jitter_prob of them)."""
+        cfg = self.config
+        chosen = params.get("jitter_index")
+        if chosen is None:  # parameters drawn without a host seed: find the samples on the device (a sync)
+            chosen = params["jitter"].nonzero().squeeze(1)
+        if not len(chosen):
+            return x
+        ops = {
+            0: (cfg.brightness, adjust_brightness, "brightness"),
+            1: (cfg.contrast, adjust_contrast, "contrast"),
+            2: (cfg.saturation, adjust_saturation, "saturation"),
+            3: (cfg.hue, adjust_hue, "hue"),
+        }
+        sub = x.index_select(0, chosen)
+        for i in params["jitter_order"]:
+            strength, fn, key = ops[i]
+            if strength > 0:
+                sub = fn(sub, params[key].index_select(0, chosen))
+        return x.index_copy_(0, chosen, sub)
 
     def _crop_flip(self, images: torch.Tensor, params: dict) -> torch.Tensor:
         # One flat gather per plane: about 4x faster on the CPU than 4-D advanced indexing.
@@ -244,8 +277,8 @@ class BatchAugment:
         return x.mul_(keep[:, None])
 
     def _standardize(self, x: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        inv_std = torch.tensor([1.0 / s for s in self.std], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        mean = constant(self.mean, x.device, x.dtype)
+        inv_std = constant(tuple(1.0 / s for s in self.std), x.device, x.dtype)
         return x.sub_(mean).mul_(inv_std)
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ image (airbench's derandomized flip): every image is seen both ways in any two e
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Iterator
 
 import torch
@@ -44,6 +45,7 @@ class TensorLoader:
         self.batch_size = batch_size
         self.train = train
         self.transform = transform
+        self._takes_seed = "seed" in inspect.signature(transform).parameters
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
@@ -76,10 +78,12 @@ class TensorLoader:
         return -(-self.num_samples // self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
-        """Start `epoch` from its first batch (its shuffle and augmentation are fixed by the seed)."""
+        """Start `epoch` from its first batch (its shuffle and augmentation are fixed by the seed).
+        The epoch's order is made and moved to the device here, once, not inside the timed steps."""
         self.epoch = epoch
         self.batch = 0
         self.generator.manual_seed(_epoch_seed(self.seed, epoch, self.rank))
+        self._order = self._indices().to(self.device)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batch": self.batch, "generator": self.generator.get_state()}
@@ -106,13 +110,17 @@ class TensorLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if not self.train:
             self.batch = 0  # evaluation always covers the whole split
-        idx = self._indices().to(self.device)
+        idx = self._order
         for b in range(self.batch, len(self)):
             sel = idx[b * self.batch_size : (b + 1) * self.batch_size]
-            if self.flip_start is None:
-                x = self.transform(self.images[sel], self.generator if self.train else None)
+            if not self.train:
+                x = self.transform(self.images[sel], None)
             else:
-                flip = self.flip_start[sel] ^ bool(self.epoch % 2)
-                x = self.transform(self.images[sel], self.generator, flip=flip)
+                extra = {}
+                if self.flip_start is not None:
+                    extra["flip"] = self.flip_start[sel] ^ bool(self.epoch % 2)
+                if self._takes_seed:  # a host-side seed for what Python decides per batch: no device read
+                    extra["seed"] = f"{self.seed}:{self.epoch}:{self.rank}:{b}"
+                x = self.transform(self.images[sel], self.generator, **extra)
             self.batch = b + 1
             yield x, self.labels[sel]

@@ -223,7 +223,7 @@ class Trainer:
         if self.device.type == "cuda":  # cuda:N: synchronize, the bf16 check and new tensors all mean this GPU
             torch.cuda.set_device(self.device)
         # Linear scaling rule (Goyal et al. 2017): the global batch grew world_size times. The config
-        # keeps the unscaled values, so a resume under another world size scales afresh.
+        # keeps the unscaled values (a resume must use the same world size: config._check_resumable).
         self.lr_scale = self.dist.world_size if self.dist.enabled and cfg.scale_lr else 1
         self.amp_dtype = resolve_amp(cfg.amp, self.device)
         self.channels_last = use_channels_last(cfg)

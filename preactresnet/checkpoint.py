@@ -158,4 +158,4 @@ def find_run(spec: str, checkpoint_dir: str | Path) -> Path:
             return candidate
         if candidate.is_file() and candidate.name == "last.state.pt":
             return candidate.parent
-    raise CheckpointError(f"--resume {spec}: no last.state.pt there or under {root}/{spec}; pass a run folder or 'auto'")
+    raise CheckpointError(f"--resume {spec}: no last.state.pt there or under {root / spec}; pass a run folder or 'auto'")

@@ -77,8 +77,10 @@ def test_two_processes_match_one_with_double_batch(tmp_path):
     assert len(list((tmp_path / "runs" / "ddp").glob("events.out.tfevents.*"))) == 1  # only rank 0 logs
     with open(tmp_path / "runs" / "ddp" / "metrics.csv") as f:
         row = next(csv.DictReader(f))
-    images = float(row["images_per_sec"]) * float(row["epoch_seconds"])  # the run's images/s counts both ranks
-    assert images == pytest.approx(3 * 16 * 2, rel=0.02), images
+    # The run's images/s counts both ranks: 3 steps x 16 images x 2 ranks, within the CSV's rounding
+    # (images/s to 0.1, seconds to 0.01; a short epoch makes the second matter).
+    ips, seconds = float(row["images_per_sec"]), float(row["epoch_seconds"])
+    assert (ips - 0.05) * (seconds - 0.005) <= 3 * 16 * 2 <= (ips + 0.05) * (seconds + 0.005), (ips, seconds)
 
 
 def test_torchrun_launch_then_single_process_resume(tmp_path):

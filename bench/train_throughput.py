@@ -59,6 +59,11 @@ def reference(ds, cfg: TrainConfig, steps: int, warmup: int, workers: int, devic
     return steps * cfg.batch_size / (time.perf_counter() - start)
 
 
+def fp32_label(device: torch.device) -> str:
+    """What fp32 means on `device`: on GPUs PyTorch's default runs convolutions in TF32."""
+    return "fp32 (TF32 convolutions)" if device.type == "cuda" and torch.backends.cudnn.allow_tf32 else "fp32"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -71,8 +76,7 @@ def trainer_path(cfg: TrainConfig, steps: int, warmup: int) -> tuple[float, str]
     t.train_steps(warmup)  # warm-up: first-touch allocations, oneDNN kernel choice
     t.train_loader.set_epoch(1)  # the epoch's order is drawn and moved to the device here, untimed
     stats = t.train_steps(steps)
-    tf32 = t.device.type == "cuda" and torch.backends.cudnn.allow_tf32
-    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(t.amp_dtype, "fp32 (TF32 convolutions)" if tf32 else "fp32")
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(t.amp_dtype) or fp32_label(t.device)
     how = f"{precision}, channels_last={t.channels_last}, device={t.device}"
     return stats.images / stats.seconds, how
 
@@ -104,9 +108,7 @@ def main() -> None:
     from preactresnet.system import resolve_device
 
     ref = reference(ds, cfg, args.steps, args.warmup, args.workers, resolve_device(args.device))
-    device = resolve_device(args.device)
-    fp32 = "fp32 (TF32 convolutions)" if device.type == "cuda" and torch.backends.cudnn.allow_tf32 else "fp32"
-    print(f"reference loop ({fp32}, NCHW, DataLoader x{args.workers} + PIL) : {ref:8.1f} images/s")
+    print(f"reference loop ({fp32_label(resolve_device(args.device))}, NCHW, DataLoader x{args.workers} + PIL) : {ref:8.1f} images/s")
     print(f"preactresnet Trainer ({how}) : {ours:8.1f} images/s  ({ours / ref:.2f}x)")
 
 

@@ -46,12 +46,12 @@ def evaluate(model: nn.Module, loader, num_classes: int, amp_dtype: torch.dtype 
     model.eval()
     device, k = loader.device, num_classes
     totals = torch.zeros(1 + k * k, dtype=torch.float64, device=device)  # [loss sum, confusion counts], exact below 2**53
+    classes = torch.arange(k, device=device)  # F.one_hot would check its input's range: a sync
     for x, y in loader:
         with autocast(device, amp_dtype):
             logits = model(x)
         logits = logits.float()
         totals[:1] += F.cross_entropy(logits, y, reduction="sum").double()
-        classes = torch.arange(k, device=device)  # F.one_hot would check its input's range: a sync
         truth, predicted = (y[:, None] == classes).float(), (logits.argmax(dim=1)[:, None] == classes).float()
         totals[1:] += (truth.T @ predicted).view(-1).double()
     if reduce is not None:

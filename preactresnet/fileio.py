@@ -23,7 +23,8 @@ def atomic_write(path: str | Path, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{glob.escape(path.stem)}.tmp.*{glob.escape(path.suffix)}"):
-        if not _alive(stale.name[len(path.stem) + 6 :][: -len(path.suffix) or None]):
+        pid = stale.name.removeprefix(f".{path.stem}.tmp.").removesuffix(path.suffix)
+        if not _alive(pid):
             stale.unlink(missing_ok=True)
     tmp = temp_name(path)
     try:

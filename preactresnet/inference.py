@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, check_metadata, load_weights
+from .data.augment import constant
 from .evaluation import EvalResult, confusion_counts
 from .fileio import first_line
 from .models import create_model
@@ -93,7 +94,7 @@ def tta_views(x: torch.Tensor, mode: str, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1
     if mode in ("flip", "flip-translate"):
         views.append(x.flip(3))
     if mode == "flip-translate":
-        black = torch.tensor([-m / s for m, s in zip(mean, std)], device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        black = constant(tuple(-m / s for m, s in zip(mean, std)), x.device, x.dtype)
         (n, c, h, w) = x.shape
         padded = black.expand(n, c, h + 4, w + 4).clone()
         padded[:, :, 2:-2, 2:-2] = x

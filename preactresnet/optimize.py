@@ -22,7 +22,7 @@ from .data.augment import AugmentConfig, BatchAugment
 from .fileio import first_line
 from .models import check_model_name, create_model
 from .profile import write_profile
-from .system import autocast, cpu_flags, cpu_has_bf16, cpu_name, resolve_device, tune_malloc
+from .system import autocast, cpu_flags, cpu_has_bf16, cpu_name, cuda_has_bf16, resolve_device, tune_malloc
 
 
 def system_report(data_dir: str = "data", checkpoint_dir: str = "checkpoints") -> tuple[dict, list[str]]:
@@ -79,8 +79,7 @@ def candidates(device: torch.device, quick: bool) -> list[dict]:
     threads = os.cpu_count() or 1
     rows = []
     if device.type == "cuda":
-        native_bf16 = torch.cuda.get_device_capability(device) >= (8, 0)
-        precisions = ["fp32", "tf32", "bf16", "fp16"] if native_bf16 else ["fp32", "tf32", "fp16"]
+        precisions = ["fp32", "tf32", "bf16", "fp16"] if cuda_has_bf16(device) else ["fp32", "tf32", "fp16"]
         for amp in precisions:
             for cl in ("off", "on"):
                 rows.append({"amp": amp, "channels_last": cl, "threads": 0, "compile": False, "cudnn_benchmark": True})

@@ -17,8 +17,15 @@ from .checkpoint import CheckpointError
 from .data import BatchAugment, DataError, TensorLoader, load_dataset
 from .data.sources import IMAGE_EXTENSIONS
 from .hub import WEIGHTS_NAME, resolve_pretrained
-from .inference import LoadedModel, calibration, load_model, metrics_from_probs, predict_probs, resolve_checkpoint
-from .inference import tta_views
+from .inference import (
+    LoadedModel,
+    calibration,
+    load_model,
+    metrics_from_probs,
+    predict_probs,
+    resolve_checkpoint,
+    tta_views,
+)
 from .system import resolve_amp, resolve_device, tune_malloc
 
 

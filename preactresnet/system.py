@@ -31,6 +31,11 @@ def cpu_has_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
+def cuda_has_bf16(device: torch.device) -> bool:
+    """True from Ampere (compute capability 8.0) on; V100/T4 report bf16 support but emulate it slowly."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -64,8 +69,8 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
         return torch.float16
     if amp != "auto":
         raise ValueError(f"unknown --amp '{amp}'; use auto, bf16, fp16 or off")
-    if device.type == "cuda":  # native bf16 from Ampere (8.0) on; V100/T4 would emulate it slowly
-        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if cuda_has_bf16(device) else torch.float16
     return torch.bfloat16 if cpu_has_bf16() else None
 
 
@@ -74,12 +79,13 @@ PRECISION_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "off"}  
 
 def apply_process_settings(settings: dict, deterministic: bool) -> dict:
     """A profile's process-wide GPU settings (TF32 matmuls and convolutions, cudnn.benchmark); returns
-    what was asked for, to be saved with the run and applied again on resume. --deterministic wins."""
-    wanted = {k: bool(settings.get(k, False)) for k in ("tf32", "cudnn_benchmark")}
+    those it names, to be saved with the run and applied again on resume (a setting it does not name
+    keeps PyTorch's and set_deterministic's choice). --deterministic wins."""
+    wanted = {k: bool(settings[k]) for k in ("tf32", "cudnn_benchmark") if k in settings}
     if not deterministic:
-        if wanted["tf32"]:
+        if wanted.get("tf32"):
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        if "cudnn_benchmark" in settings:  # what was measured fastest, either way
+        if "cudnn_benchmark" in wanted:  # what was measured fastest, either way
             torch.backends.cudnn.benchmark = wanted["cudnn_benchmark"]
     return wanted
 

@@ -451,25 +451,31 @@ class Trainer:
                 in_window = 0
             elif self.stop.stop and not self.dist.enabled:
                 break
-        totals = torch.stack([loss_sum, torch.full((), float(count), device=self.device)])
-        if self.reduce is not None:
-            self.reduce(totals)
-        self._agree_stop()
+        steps_here = torch.full((), float(count), device=self.device)
+        loss_total, steps_total, stop = self._over_ranks(loss_sum, steps_here, self._stop_flag())
+        self.stop.stop = stop > 0  # under torchrun: any rank's, so every rank leaves the epoch alike
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
         bar.close()
-        loss_total, steps_total = totals.tolist()
         mean_loss = loss_total / max(steps_total, 1)
         self._check_finite(mean_loss, epoch)
         return StepStats(mean_loss, seconds, count * self.cfg.batch_size * self.dist.world_size, count)
 
+    def _over_ranks(self, *values: torch.Tensor) -> list[float]:
+        """Scalars summed over all ranks in one all-reduce (under torchrun), read back in one synchronization."""
+        summed = torch.stack([v.float() for v in values])
+        if self.reduce is not None:
+            self.reduce(summed)
+        return summed.tolist()
+
+    def _stop_flag(self) -> torch.Tensor:
+        return torch.full((), float(self.stop.stop), device=self.device)
+
     def _agree_stop(self) -> bool:
         """Whether any rank was asked to stop (under torchrun an all-reduce, so all ranks agree)."""
         if self.dist.enabled:
-            flag = torch.full((), float(self.stop.stop), device=self.device)
-            self.reduce(flag)
-            self.stop.stop = bool(flag.item() > 0)
+            self.stop.stop = self._over_ranks(self._stop_flag())[0] > 0
         return self.stop.stop
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -500,11 +506,8 @@ class Trainer:
         Under torchrun the loss and the stop flag travel in one all-reduce: every rank sees the same
         non-finite loss and the same decision, so no rank waits in a collective for one that left.
         """
-        values = torch.stack([mean.float(), torch.full((), float(self.stop.stop), device=self.device)])
-        if self.reduce is not None:
-            self.reduce(values)
-            values[0] /= self.dist.world_size
-        value, stop = values.tolist()  # the one synchronization of the logging interval
+        total, stop = self._over_ranks(mean, self._stop_flag())  # the one synchronization of the logging interval
+        value = total / self.dist.world_size
         self._check_finite(value, epoch)
         lr = self.optimizer.param_groups[0]["lr"]
         self.writer.add_scalar("train/loss", value, self.step)
@@ -596,7 +599,7 @@ class Trainer:
     def checkpoint_epoch(self, epoch: int, ev: EpochEval) -> None:
         """The state and last weights, then best.safetensors if the chosen split improved (raw or EMA,
         whichever is better on val). A kill between the two leaves a resumable state."""
-        chosen, split = (ev.val, "validation") if ev.val is not None else (ev.test, "test")
+        chosen, key, split = (ev.val, "val", "validation") if ev.val is not None else (ev.test, "test", "test")
         weights, test = self.model, ev.test
         if ev.ema_val is not None and ev.ema_val.accuracy > ev.val.accuracy:  # judged on val only, never on test
             chosen, weights, test = ev.ema_val, self.ema.module, ev.ema_test
@@ -606,7 +609,7 @@ class Trainer:
         self.train_loader.set_epoch(epoch + 1)  # the state saved is "start of the next epoch"
         self.save_last(epoch + 1)
         if improved and self.dist.is_main:
-            accuracies = {f"{'val' if split == 'validation' else split}_accuracy": chosen.accuracy, "test_accuracy": test.accuracy}
+            accuracies = {f"{key}_accuracy": chosen.accuracy, "test_accuracy": test.accuracy}
             meta = self.meta.at(epoch + 1, ema=weights is not self.model, selected_on=split, **accuracies)
             save_weights(self.dirs.checkpoints / "best.safetensors", weights.state_dict(), meta)
 

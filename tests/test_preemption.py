@@ -240,6 +240,8 @@ def test_profile_process_settings_applied_and_kept_on_resume(tmp_path, monkeypat
     try:
         assert apply_process_settings({"tf32": False, "cudnn_benchmark": True}, deterministic=False)["cudnn_benchmark"]
         assert torch.backends.cudnn.benchmark is True
+        # No profile: nothing recorded, so a resume keeps the defaults (set_deterministic's benchmark choice).
+        assert apply_process_settings({}, deterministic=False) == {} and torch.backends.cudnn.benchmark is True
         torch.backends.cuda.matmul.allow_tf32 = False
         run_dir = _saved_state(tmp_path, process={"tf32": True, "cudnn_benchmark": False})
         t = trainer(tmp_path, "--resume", str(run_dir))

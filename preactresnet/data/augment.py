@@ -152,8 +152,10 @@ class BatchAugment:
             # then that many samples chosen uniformly on the device. Together that is exactly the
             # independent per-sample coin of torchvision's RandomApply, and the count is known here.
             count = sum(host.random() < cfg.jitter_prob for _ in range(batch)) if cfg.jitter_prob > 0 else 0
-            chosen = torch.randperm(batch, generator=generator, device=device)[:count] if count else None
-            params["jitter_index"] = chosen if count else torch.zeros(0, dtype=torch.int64, device=device)
+            params["jitter_index"] = (
+                torch.randperm(batch, generator=generator, device=device)[:count] if count
+                else torch.zeros(0, dtype=torch.int64, device=device)
+            )
             jitter = torch.zeros(batch, dtype=torch.bool, device=device).index_fill_(0, params["jitter_index"], True)
         else:
             jitter = u[:, 4] < cfg.jitter_prob

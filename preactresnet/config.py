@@ -68,6 +68,7 @@ class TrainConfig:
     scale_lr: bool = setting(False, O, "under torchrun, multiply lr, warmup_lr and min_lr by the number of processes")
     sync_bn: bool = setting(False, O, "under torchrun on GPUs, BatchNorm statistics over the global batch")
     optimizer: str = setting("adagrad", O, "adagrad | sgd (Nesterov) | adamw | muon (conv/linear; AdamW for the rest)")
+    muon_ns_dtype: str = setting("auto", O, "Muon's orthogonalization dtype: auto (timed here on a CPU; bf16 on GPUs from sm80) | bf16 | fp32")
     lr: float = setting(0.05, O, "peak learning rate")
     momentum: float = setting(0.9, O, "SGD momentum")
     weight_decay: float = setting(5e-4, O, "weight decay, never applied to BN parameters and biases")
@@ -83,7 +84,7 @@ class TrainConfig:
     time_budget: str = setting("", S, "train as long as fits this wall-clock budget here instead of --epochs: 90s, 10m, 2h, 1h30m")
     total_steps: int = setting(0, S, "stop after this many optimizer steps, schedule fitted to them (0: epochs x steps/epoch)")
     device: str = setting("auto", P, "auto | cpu | cuda | cuda:N")
-    amp: str = setting("auto", P, "mixed precision: auto (bf16 where native: CUDA 8.0+, AVX512-BF16/AMX CPUs; else fp16 on GPUs, fp32 on CPUs) | bf16 | fp16 | off")
+    amp: str = setting("auto", P, "mixed precision: auto (CPU: bf16 or fp32, whichever trains faster when timed here, cached; GPU: bf16 from sm80, else fp16) | bf16 | fp16 | off")
     channels_last: str = setting("auto", P, "NHWC memory format: auto | on | off")
     compile: bool = setting(False, P, "torch.compile the model")
     threads: int = setting(0, P, "CPU threads for PyTorch (0: PyTorch's choice)")
@@ -139,6 +140,7 @@ class TrainConfig:
             (self.tta in TTA_CHOICES, f"unknown --tta '{self.tta}'; choose one of: {', '.join(TTA_CHOICES)}"),
             (self.total_steps >= 0, f"--total-steps must be >= 0, got {self.total_steps}"),
             (self.bn_lr_scale > 0, f"--bn-lr-scale must be > 0, got {self.bn_lr_scale}"),
+            (self.muon_ns_dtype in ("auto", "bf16", "fp32"), f"--muon-ns-dtype must be auto, bf16 or fp32, got '{self.muon_ns_dtype}'"),
             (self.channels_last in ("auto", "on", "off"), f"--channels-last must be auto, on or off, got '{self.channels_last}'"),
             (self.dataset in ("cifar10", "cifar100"), f"unknown --dataset '{self.dataset}'; use cifar10 or cifar100"),
         ]
@@ -253,6 +255,7 @@ class ResolvedConfig:
     run_dir: Path | None = None  # the run being resumed
     profile: dict | None = None  # the system profile applied (its 'applied' settings, 'path', 'tf32')
     budget: dict | None = None  # --time-budget: what calibration measured and chose
+    precision: dict | None = None  # what --amp auto / --muon-ns-dtype auto chose, and the line saying why
 
 
 def resolve_config(cfg: TrainConfig, explicit: dict, dist: DistInfo, warn=print) -> ResolvedConfig:
@@ -273,7 +276,7 @@ def _resumed_config(cfg: TrainConfig, explicit: dict) -> tuple[TrainConfig, dict
     """With --resume, the saved config wins; an explicit flag may only change what cannot alter results."""
     run_dir = find_run(cfg.resume, cfg.checkpoint_dir)
     state = load_state(run_dir / "last.state.pt")
-    saved = from_dict(state["config"], where=f"{run_dir}/last.state.pt")
+    saved = from_dict({"muon_ns_dtype": "bf16", **state["config"]}, where=f"{run_dir}/last.state.pt")  # bf16: before it was a setting
     for key, value in explicit.items():
         if key == "epochs" and saved.time_budget:  # the budget chose the epochs; a recipe's count does not apply
             continue

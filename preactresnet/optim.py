@@ -5,10 +5,14 @@ Each is built from the finished config by one function; timm supplies the algori
 
 from __future__ import annotations
 
+from functools import partial
+from unittest import mock
+
+import timm.optim.muon as timm_muon
 import torch
 import torch.nn as nn
 from timm.data import Mixup
-from timm.optim import create_optimizer_v2
+from timm.optim import Muon, create_optimizer_v2
 from timm.scheduler import CosineLRScheduler, PolyLRScheduler
 from timm.utils import ModelEmaV3
 
@@ -37,18 +41,71 @@ def param_groups(cfg: TrainConfig, model: nn.Module) -> list[dict]:
 
 
 FUSED_ON_CUDA = ("sgd", "adamw", "adagrad")  # torch's fused kernels (timm passes `fused` through)
+NS_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # --muon-ns-dtype, as spelled on the command line
+
+
+class MuonNS(Muon):
+    """timm's Muon with the dtype of its Newton-Schulz orthogonalization chosen (bf16 in timm, always).
+
+    Written here because timm's optimizer passes no dtype to `zeropower_via_newtonschulz`: without bf16
+    hardware bf16 is emulated and the step costs more than forward and backward together (2.2x slower
+    steps on AVX2). In fp32 the same iteration runs in its Gram form (`newton_schulz`). tests/test_precision.py
+    fails if timm stops looking the function up where this patches it.
+    """
+
+    def __init__(self, params, ns_dtype: torch.dtype = torch.bfloat16, **kwargs):
+        super().__init__(params, **kwargs)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.ns_dtype == torch.bfloat16:  # timm's own default: nothing to change
+            return super().step(closure)
+        with mock.patch.object(timm_muon, "zeropower_via_newtonschulz", partial(newton_schulz, dtype=self.ns_dtype)):
+            return super().step(closure)
+
+
+_ZEROPOWER = timm_muon.zeropower_via_newtonschulz
+
+
+def newton_schulz(G, steps, coefficients, eps=timm_muon.MUON_EPS, safety_factor=1.0, dtype=torch.float32, scale_eps=False):
+    """timm's Newton-Schulz iteration, in its Gram form for a wide matrix (n >= 2m), timm's own otherwise.
+
+    Each step X <- (aI + bA + cA^2) X with A = X X^T is a polynomial P in A, so A <- P A P and Q <- P Q
+    stay m x m and X is multiplied once at the end: for a 3x3 conv (n = 9 in) about half the FLOPs
+    (bench/precision.py), and the same result to rounding (tests/test_precision.py). Used in fp32 only.
+    """
+    if G.ndim != 2 or scale_eps or max(G.shape) < 2 * min(G.shape):
+        return _ZEROPOWER(G, steps, coefficients, eps, safety_factor, dtype, scale_eps)
+    sequence = coefficients[:steps] + coefficients[-1:] * max(0, steps - len(coefficients))  # timm's padding
+    X = G.to(dtype=dtype, copy=True)
+    X = X.T if X.size(0) > X.size(1) else X
+    X.div_(X.norm().mul(safety_factor).clamp_(min=eps))
+    A, Q = X @ X.T, None
+    for a, b, c in sequence:
+        P = torch.addmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+        P.diagonal().add_(a)
+        Q = P if Q is None else P @ Q
+        A = P @ A @ P
+    X = Q @ X
+    return X.T if G.size(0) > G.size(1) else X
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module, lr_scale: float = 1) -> torch.optim.Optimizer:
-    # timm's 'sgd' is Nesterov SGD; its 'muon' orthogonalizes conv/linear updates, AdamW for the rest.
-    extra = {"nesterov": True} if cfg.optimizer == "muon" else {}
+    groups, lr = param_groups(cfg, model), cfg.lr * lr_scale
+    if cfg.optimizer == "muon":  # what timm's create_optimizer_v2('muon') builds, with the Newton-Schulz dtype
+        return MuonNS(groups, ns_dtype=NS_DTYPES[ns_dtype_name(cfg)], lr=lr, weight_decay=cfg.weight_decay,
+                      momentum=cfg.momentum, nesterov=True)
+    # timm's 'sgd' is Nesterov SGD; every group starts at the base lr (the scheduler applies 'lr_scale').
+    extra = {}
     if cfg.optimizer in FUSED_ON_CUDA and next(model.parameters()).is_cuda:
         extra["fused"] = True  # one kernel for all parameters, and GradScaler's fp16 check stays on the GPU
-    # Every group starts at the base lr: the scheduler applies each group's 'lr_scale' from its first step on.
-    return create_optimizer_v2(
-        param_groups(cfg, model), opt=cfg.optimizer, lr=cfg.lr * lr_scale, weight_decay=cfg.weight_decay,
-        momentum=cfg.momentum, **extra,
-    )
+    return create_optimizer_v2(groups, opt=cfg.optimizer, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, **extra)
+
+
+def ns_dtype_name(cfg: TrainConfig) -> str:
+    """The resolved --muon-ns-dtype; 'auto' not yet timed (a Trainer built without from_config) is timm's bf16."""
+    return "bf16" if cfg.muon_ns_dtype == "auto" else cfg.muon_ns_dtype
 
 
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, lr_scale: float = 1):
@@ -88,4 +145,4 @@ def build_ema(cfg: TrainConfig, model: nn.Module) -> ModelEmaV3 | None:
     return ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup) if cfg.ema else None
 
 
-__all__ = ["build_ema", "build_mixup", "build_optimizer", "build_scheduler", "param_groups"]
+__all__ = ["MuonNS", "NS_DTYPES", "build_ema", "build_mixup", "build_optimizer", "build_scheduler", "ns_dtype_name", "param_groups"]

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import precision
+from .config import TrainConfig
 from .data.augment import AugmentConfig, BatchAugment
 from .fileio import first_line
 from .models import check_model_name, create_model
@@ -193,6 +195,19 @@ def describe(c: dict) -> str:
     return ", ".join(parts)
 
 
+def muon_ns_dtype(model: str, width: float, batch: int, device: torch.device, out=print) -> str:
+    """Muon's orthogonalization dtype for the profile: timed (or read from the cache) as train.py's auto does."""
+    cfg = TrainConfig(model=model, width_mult=width, batch_size=batch, optimizer="muon", device=str(device))
+    if device.type == "cuda":
+        chosen = precision.gpu_rule(cfg, device)["muon_ns_dtype"]
+        out(f"Muon orthogonalization on this GPU: {chosen} (bf16 from compute capability 8.0)")
+        return chosen
+    figures, source = precision.timed_figures(cfg, 10, True, ("ns",), time.perf_counter, precision.cache_path())
+    chosen = precision.choose(figures, ("ns",))
+    out(precision.describe(chosen, figures, source).replace("precision auto: ", ""))
+    return chosen["muon_ns_dtype"]
+
+
 def raise_priority(out=print) -> bool:
     """Ask the OS for a higher scheduling priority; without permission it is a warning, never a failure."""
     try:
@@ -241,7 +256,8 @@ def run(args) -> None:
     print(f"\ntiming training steps: {model} (width x{width}), batch {batch}, on {device}"
           + (" [--quick: a narrower net and fewer steps stand in for the full run]" if width != 1.0 or batch != args.batch_size else ""))
     rows = measure(model, batch, device, args.quick, width)
-    profile = write_profile(Path(args.profile), device, model, batch, rows, width)
+    ns = muon_ns_dtype(model, width, batch, device)
+    profile = write_profile(Path(args.profile), device, model, batch, rows, width, extra={"muon_ns_dtype": ns})
     print("\n| setting | images/s | speed-up vs fp32 NCHW |\n|---|---:|---:|")
     for r in sorted(rows, key=lambda r: -r["images_per_sec"]):
         print(f"| {describe(r)} | {r['images_per_sec']:.1f} | {r['speedup']:.2f}x |")

@@ -19,7 +19,7 @@ from .system import cpu_name
 PROFILE_PATH = Path(".preactresnet") / "system_profile.json"
 PROFILE_FORMAT = 1
 # Settings a profile may choose; anything the user sets explicitly wins over it.
-PROFILE_KEYS = ("amp", "channels_last", "threads", "compile")
+PROFILE_KEYS = ("amp", "channels_last", "threads", "compile", "muon_ns_dtype")
 
 
 def machine_fingerprint(device: torch.device) -> dict:
@@ -39,8 +39,10 @@ def to_train_settings(row: dict) -> dict:
     }
 
 
-def write_profile(path: Path, device: torch.device, model: str, batch: int, rows: list[dict], width_mult: float = 1.0) -> dict:
-    """Save the fastest row; `width_mult` and `batch` are what was timed (--quick times a narrower net)."""
+def write_profile(path: Path, device: torch.device, model: str, batch: int, rows: list[dict], width_mult: float = 1.0,
+                  extra: dict | None = None) -> dict:
+    """Save the fastest row (and `extra` settings measured apart, Muon's orthogonalization dtype);
+    `width_mult` and `batch` are what was timed (--quick times a narrower net)."""
     best = max(rows, key=lambda r: r["images_per_sec"])
     profile = {
         "format": PROFILE_FORMAT,
@@ -49,7 +51,7 @@ def write_profile(path: Path, device: torch.device, model: str, batch: int, rows
         "model": model,
         "width_mult": width_mult,
         "batch_size": batch,
-        "settings": to_train_settings(best),
+        "settings": {**to_train_settings(best), **(extra or {})},
         "tf32": best["amp"] == "tf32",
         "cudnn_benchmark": bool(best.get("cudnn_benchmark", False)),
         "measured": rows,

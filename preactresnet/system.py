@@ -57,7 +57,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """'auto' -> bf16 where the hardware has it, fp16 on older GPUs, fp32 (None) elsewhere."""
+    """'auto' -> bf16 on GPUs from sm80, fp16 on older ones, fp32 (None) on a CPU. Training decides a CPU's
+    'auto' by timing first (precision.py): CPU flags cannot tell whether bf16 is faster for a given net."""
     amp = amp.lower()
     if amp in ("off", "none", "fp32", "no", "false"):
         return None
@@ -71,7 +72,7 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
         raise ValueError(f"unknown --amp '{amp}'; use auto, bf16, fp16 or off")
     if device.type == "cuda":
         return torch.bfloat16 if cuda_has_bf16(device) else torch.float16
-    return torch.bfloat16 if cpu_has_bf16() else None
+    return None
 
 
 PRECISION_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "off"}  # as --amp spells them

@@ -36,6 +36,7 @@ from .inference import predict_probs
 from .models import create_model
 from .optim import build_ema, build_mixup, build_optimizer, build_scheduler
 from .plots import augmented_grid, training_curves
+from .precision import resolve_precision
 from .system import (
     PRECISION_NAMES,
     apply_process_settings,
@@ -186,6 +187,7 @@ class Trainer:
         self._build_optimization()
         self.meta = self._weights_meta()
         self.budget = run.budget  # --time-budget's calibration and choice, logged with every epoch
+        self.precision_line = (run.precision or {}).get("line")  # why --amp/--muon-ns-dtype auto chose what it did
         self.writer, self.stop = NullWriter(), StopFlag()
         self.start_epoch, self.step, self.history = 0, 0, []
         self.best_metric, self.best_epoch = -1.0, -1
@@ -199,6 +201,8 @@ class Trainer:
         """Start the process group (under torchrun), resolve the config once, build the trainer."""
         dist = init_distributed(cfg.device)
         run = resolve_config(cfg, explicit or {}, dist, warn=out if dist.is_main else _silent)
+        num_classes = 100 if run.cfg.dataset == "cifar100" else 10
+        run = resolve_precision(run, dist, num_classes, use_channels_last(run.cfg))
         if run.cfg.time_budget and not run.cfg.total_steps and run.state is None:
             run, _ = fit_to_budget(cls(run, dist, out=_silent), run, dist, out=out if dist.is_main else _silent)
         return cls(run, dist, out=out, command=command)
@@ -420,8 +424,9 @@ class Trainer:
         if self.stop.stop:
             self.carried = stats
             self._save_and_stop(epoch)
+        eval_start = time.perf_counter()
         results = self.evaluate_epoch()
-        row = self.log_epoch(epoch, stats, results, epoch_start)
+        row = self.log_epoch(epoch, stats, results, epoch_start, eval_seconds=time.perf_counter() - eval_start)
         self.checkpoint_epoch(epoch, results)
         self._print_epoch(epoch, row, results)
         return results.test
@@ -547,8 +552,9 @@ class Trainer:
                 result.ema_val = evaluate(self.ema.module, self.val_loader, k, amp, reduce)
         return result
 
-    def log_epoch(self, epoch: int, stats: StepStats, ev: EpochEval, epoch_start: float) -> dict:
-        """One row of metrics.csv, and the same figures in TensorBoard."""
+    def log_epoch(self, epoch: int, stats: StepStats, ev: EpochEval, epoch_start: float, eval_seconds: float = 0.0) -> dict:
+        """One row of metrics.csv, and the same figures in TensorBoard (epoch_seconds: training steps only;
+        eval_seconds: this epoch's evaluation; elapsed_seconds: wall time since the run began)."""
         row = {
             "epoch": epoch + 1,
             "step": self.step,
@@ -558,6 +564,7 @@ class Trainer:
             "test_acc": round(ev.test.accuracy, 4),
             "images_per_sec": round(stats.images / max(stats.seconds, 1e-9), 1),
             "epoch_seconds": round(stats.seconds, 2),
+            "eval_seconds": round(eval_seconds, 2),
             # wall time since the run began, evaluation included: what "time to accuracy" means
             "elapsed_seconds": round((self.history[-1]["elapsed_seconds"] if self.history else 0.0)
                                      + time.perf_counter() - epoch_start, 2),
@@ -631,6 +638,8 @@ class Trainer:
             f"{self.steps_per_epoch} steps/epoch x {cfg.epochs} epochs"
             + (f" ({self.total_steps} steps in all)" if self.total_steps != cfg.epochs * self.steps_per_epoch else "")
         )
+        if self.precision_line:
+            self.out(self.precision_line)
         selection = "validation split" if self.val_loader is not None else "TEST set (no --val-size given)"
         self.out(f"best checkpoint chosen on the {selection}")
         if self.dist.enabled:

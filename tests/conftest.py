@@ -98,3 +98,12 @@ def no_system_profile(monkeypatch, tmp_path_factory):
     import preactresnet.profile as profile
 
     monkeypatch.setattr(profile, "PROFILE_PATH", tmp_path_factory.getbasetemp() / "no-profile" / "profile.json")
+
+
+@pytest.fixture(autouse=True)
+def session_precision_cache(monkeypatch, tmp_path_factory):
+    """--amp auto times each model shape once per test session (subprocesses included), never reading a cache
+    this machine wrote before."""
+    import preactresnet.precision as precision
+
+    monkeypatch.setenv(precision.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "precision-cache" / "precision.json"))

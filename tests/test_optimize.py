@@ -92,3 +92,11 @@ def test_cli_quick_writes_profile(tmp_path, capsys):
     main(["--quick", "--batch-size", "8", "--width-mult", "0.125", "--no-priority", "--profile", str(tmp_path / "p.json")])
     out = capsys.readouterr().out
     assert "| setting | images/s | speed-up vs fp32 NCHW |" in out and (tmp_path / "p.json").is_file()
+    # Muon's orthogonalization dtype: timed as train.py's auto times it, kept in the profile, applied by train.py
+    ns = json.loads((tmp_path / "p.json").read_text())["settings"]["muon_ns_dtype"]
+    assert ns in ("fp32", "bf16") and f"Muon orthogonalizing in {ns}" in out
+    cfg, explicit = parse_args(["--data-dir", "sample", "--model", "preactresnet18", "--width-mult", "0.125", "--batch-size", "8",
+                                "--optimizer", "muon", "--amp", "off", "--profile", str(tmp_path / "p.json")])
+    messages = []
+    assert Trainer.from_config(cfg, explicit, out=messages.append).cfg.muon_ns_dtype == ns
+    assert not any(m.startswith("precision auto") for m in messages), "the profile's measurement is used, not timed again"

@@ -1,0 +1,196 @@
+"""`--amp auto` and `--muon-ns-dtype auto` on a CPU: decided by timing the real candidates here, cached.
+
+CPU flags cannot tell whether bf16 pays: it is emulated without AVX512-BF16 (many times slower), fast
+for narrow layers but slower than fp32 for the full-width net on AVX512-BF16 without AMX, and fast
+everywhere with AMX. So this run's model, width and batch are timed for a few seconds in each
+precision (forward and backward; Muon's step with bf16 and fp32 orthogonalization), once per machine,
+PyTorch version, kernel set and model shape: the answer is cached in .preactresnet/precision.json.
+On a GPU the rule stays (bf16 from compute capability 8.0, else fp16) and nothing is timed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .config import ResolvedConfig, TrainConfig
+from .distributed import DistInfo, broadcast_object
+from .fileio import atomic_write
+from .models import create_model
+from .optim import build_optimizer
+from .system import PRECISION_NAMES, cpu_name, cuda_has_bf16, resolve_amp, resolve_device
+
+CACHE_PATH = Path(".preactresnet") / "precision.json"
+CACHE_ENV = "PREACTRESNET_PRECISION_CACHE"  # another cache file (shared by runs in different folders, as the tests do)
+CACHE_FORMAT = 1
+MAX_TIMED_BATCH = 128  # larger batches cost the same per image; the full-width net at 256 would take minutes
+MIN_SECONDS, MIN_CALLS, MAX_CALLS = 0.6, 2, 20  # per candidate, after one untimed warm-up call
+GIVE_UP_FACTOR = 3.0  # a candidate whose warm-up is this much slower than the best one's is not timed further
+
+
+def measure(candidates: dict[str, Callable[[], None]], clock=time.perf_counter) -> dict[str, float]:
+    """Seconds per call of each candidate: one untimed warm-up call, then calls until MIN_SECONDS and
+    MIN_CALLS are reached. A candidate far slower than the best already timed is judged on its warm-up."""
+    seconds: dict[str, float] = {}
+    for name, call in candidates.items():
+        start = clock()
+        call()
+        warmup = clock() - start
+        if seconds and warmup > GIVE_UP_FACTOR * max(min(seconds.values()), 1e-9):
+            seconds[name] = warmup  # clearly slower; its warm-up overstates it a little, which changes nothing
+            continue
+        calls, start = 0, clock()
+        while calls < MIN_CALLS or (clock() - start < MIN_SECONDS and calls < MAX_CALLS):
+            call()
+            calls += 1
+        seconds[name] = (clock() - start) / calls
+    return seconds
+
+
+def amp_candidates(cfg: TrainConfig, num_classes: int, channels_last: bool) -> tuple[dict, int]:
+    """Forward and backward of this run's network on a batch of its shape, in fp32 ('off') and in bf16."""
+    batch = min(cfg.batch_size, MAX_TIMED_BATCH)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    torch.manual_seed(0)
+    model = create_model(cfg.model, num_classes=num_classes, width_mult=cfg.width_mult).to(memory_format=fmt).train()
+    x = torch.randn(batch, 3, 32, 32).to(memory_format=fmt)
+    y = torch.randint(0, num_classes, (batch,))
+
+    def step(dtype):
+        def call():
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                logits = model(x.to(dtype or torch.float32))
+            F.cross_entropy(logits.float(), y).backward()
+            model.zero_grad(set_to_none=True)
+        return call
+
+    return {"off": step(None), "bf16": step(torch.bfloat16)}, batch
+
+
+def ns_candidates(cfg: TrainConfig, num_classes: int) -> dict:
+    """Muon's whole optimizer step on this network's parameters, orthogonalizing in fp32 and in bf16."""
+    torch.manual_seed(0)
+    model = create_model(cfg.model, num_classes=num_classes, width_mult=cfg.width_mult)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+
+    def step(name):
+        optimizer = build_optimizer(dataclasses.replace(cfg, muon_ns_dtype=name), model)
+        return optimizer.step
+
+    return {"fp32": step("fp32"), "bf16": step("bf16")}
+
+
+def cache_key(cfg: TrainConfig, num_classes: int, channels_last: bool) -> str:
+    """Everything the figures depend on: machine, threads, PyTorch and its kernel set, model shape."""
+    kernels = f"{torch.backends.cpu.get_cpu_capability()}/onednn={os.environ.get('ONEDNN_MAX_CPU_ISA', 'default')}"
+    shape = f"{cfg.model} x{cfg.width_mult:g} classes={num_classes} batch={min(cfg.batch_size, MAX_TIMED_BATCH)}"
+    layout = "channels_last" if channels_last else "NCHW"
+    return f"{cpu_name()} | threads={torch.get_num_threads()} | torch {torch.__version__.split('+')[0]} {kernels} | {shape} {layout}"
+
+
+def cache_path() -> Path:
+    """Where timed figures are kept: $PREACTRESNET_PRECISION_CACHE if set, else .preactresnet/precision.json here."""
+    return Path(os.environ.get(CACHE_ENV) or CACHE_PATH)
+
+
+def read_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data["entries"] if data.get("format") == CACHE_FORMAT else {}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return {}  # none yet, or unreadable: measure again and rewrite it
+
+
+def write_cache(path: Path, key: str, entry: dict) -> None:
+    entries = {**read_cache(path), key: entry}
+    text = json.dumps({"format": CACHE_FORMAT, "entries": entries}, indent=2) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+BF16_MUST_WIN_BY = 1.05  # bf16 rounds: it is chosen only when it is clearly faster, not within timing noise
+
+
+def timed_figures(cfg: TrainConfig, num_classes: int, channels_last: bool, wanted: tuple, clock, path: Path) -> tuple[dict, str]:
+    """{'amp': images/s per precision, 'ns': ms per Muon step per dtype} for `wanted`, from the cache or timed now."""
+    key = cache_key(cfg, num_classes, channels_last)
+    entry = read_cache(path).get(key, {})
+    missing = [w for w in wanted if w not in entry]
+    if not missing:
+        return entry, f"cached in {path}, timed {entry.get('measured', '?')}"
+    if "amp" in missing:
+        candidates, batch = amp_candidates(cfg, num_classes, channels_last)
+        entry["amp"] = {name: round(batch / s, 1) for name, s in measure(candidates, clock).items()}
+    if "ns" in missing:
+        entry["ns"] = {name: round(1000 * s, 2) for name, s in measure(ns_candidates(cfg, num_classes), clock).items()}
+    entry["measured"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    write_cache(path, key, entry)
+    return entry, f"timed here, cached in {path}"
+
+
+def choose(figures: dict, wanted: tuple) -> dict:
+    """The settings the figures call for: bf16 only where it is clearly the faster."""
+    chosen = {}
+    if "amp" in wanted:
+        ips = figures["amp"]
+        chosen["amp"] = "bf16" if ips["bf16"] >= BF16_MUST_WIN_BY * ips["off"] else "off"
+    if "ns" in wanted:
+        ms = figures["ns"]
+        chosen["muon_ns_dtype"] = "bf16" if BF16_MUST_WIN_BY * ms["bf16"] <= ms["fp32"] else "fp32"
+    return chosen
+
+
+def describe(chosen: dict, figures: dict, source: str) -> str:
+    parts = []
+    if "amp" in chosen:
+        ips = figures["amp"]
+        name = "bf16 autocast" if chosen["amp"] == "bf16" else "fp32"
+        parts.append(f"{name} (fp32 {ips['off']:.0f} vs bf16 {ips['bf16']:.0f} images/s, forward+backward)")
+    if "muon_ns_dtype" in chosen:
+        ms = figures["ns"]
+        parts.append(f"Muon orthogonalizing in {chosen['muon_ns_dtype']} (fp32 {ms['fp32']:.1f} vs bf16 {ms['bf16']:.1f} ms/step)")
+    return f"precision auto: {'; '.join(parts)}; {source}"
+
+
+def gpu_rule(cfg: TrainConfig, device: torch.device) -> dict:
+    """On a GPU: bf16 from compute capability 8.0 (A100, H100, RTX 30xx on), else fp16 autocast and fp32 Muon."""
+    chosen = {}
+    if cfg.amp == "auto":
+        chosen["amp"] = PRECISION_NAMES[resolve_amp("auto", device)]
+    if cfg.optimizer == "muon" and cfg.muon_ns_dtype == "auto":
+        chosen["muon_ns_dtype"] = "bf16" if cuda_has_bf16(device) else "fp32"
+    return chosen
+
+
+def resolve_precision(run: ResolvedConfig, dist: DistInfo, num_classes: int, channels_last: bool,
+                      clock=time.perf_counter, path: Path | None = None) -> ResolvedConfig:
+    """The run with 'auto' precisions replaced by what was chosen, and the line saying why (`run.precision`).
+    A resumed run keeps what it was saved with; explicit settings (flags, YAML, a system profile) win."""
+    cfg = run.cfg
+    wanted = tuple(w for w, auto in (("amp", cfg.amp == "auto"), ("ns", cfg.optimizer == "muon" and cfg.muon_ns_dtype == "auto")) if auto)
+    if run.state is not None or not wanted:
+        return run
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        chosen = gpu_rule(cfg, device)
+        line = "precision auto on a GPU: " + ", ".join(f"{k} {v}" for k, v in chosen.items()) + " (bf16 from compute capability 8.0)"
+    elif dist.is_main:
+        figures, source = timed_figures(cfg, num_classes, channels_last, wanted, clock, path or cache_path())
+        chosen = choose(figures, wanted)
+        line = describe(chosen, figures, source)
+    else:
+        chosen, line = None, None
+    chosen, line = broadcast_object((chosen, line), dist)  # rank 0 timed: every rank trains alike
+    return dataclasses.replace(run, cfg=dataclasses.replace(cfg, **chosen), precision={"chosen": chosen, "line": line})
+
+
+__all__ = ["CACHE_ENV", "CACHE_PATH", "cache_path", "choose", "measure", "resolve_precision", "timed_figures"]

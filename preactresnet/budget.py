@@ -79,15 +79,22 @@ class BudgetPlan:
         }
 
 
+MIN_STEPS = 5  # a budget that holds fewer steps than this (plus one evaluation) trains nothing worth having
+
+
 def plan(budget_seconds: float, steps_per_epoch: int, cal: Calibration) -> BudgetPlan:
-    """The most steps whose training plus one evaluation per epoch begun fits the budget."""
+    """The most steps whose training plus one evaluation per epoch begun fits the budget; shorter than one
+    epoch, part of one (only a budget below MIN_STEPS steps and an evaluation is refused)."""
     epoch_seconds = steps_per_epoch * cal.seconds_per_step + cal.eval_seconds
-    one_epoch = math.ceil(epoch_seconds)
     if budget_seconds < epoch_seconds:
-        raise ValueError(
-            f"--time-budget {budget_seconds:g}s is shorter than one epoch here ({steps_per_epoch} steps at "
-            f"{cal.images_per_sec:.0f} images/s plus {cal.eval_seconds:.1f}s of evaluation); give at least {one_epoch}s"
-        )
+        steps = int((budget_seconds - cal.eval_seconds) / cal.seconds_per_step)
+        if steps < MIN_STEPS:
+            least = math.ceil(MIN_STEPS * cal.seconds_per_step + cal.eval_seconds)
+            raise ValueError(
+                f"--time-budget {budget_seconds:g}s holds fewer than {MIN_STEPS} steps here ({cal.images_per_sec:.0f} "
+                f"images/s plus {cal.eval_seconds:.1f}s of evaluation); give at least {least}s"
+            )
+        return BudgetPlan(budget_seconds, 1, min(steps, steps_per_epoch), steps_per_epoch, cal)
     epochs = math.ceil(budget_seconds / epoch_seconds)
     steps = int((budget_seconds - epochs * cal.eval_seconds) / cal.seconds_per_step)
     while steps <= (epochs - 1) * steps_per_epoch:  # the last epoch begun must hold a step
@@ -121,6 +128,9 @@ def fit_to_budget(trainer, run: ResolvedConfig, dist: DistInfo, out=print) -> tu
     choice = broadcast_object(choice, dist)
     cfg = dataclasses.replace(run.cfg, epochs=choice.epochs, total_steps=choice.total_steps)
     finish = time.strftime("%H:%M:%S", time.localtime(time.time() + choice.expected_seconds))
+    if choice.total_steps < choice.steps_per_epoch:
+        out(f"time budget {run.cfg.time_budget} is shorter than one epoch here: training {choice.total_steps} of its "
+            f"{choice.steps_per_epoch} steps, then one evaluation")
     out(
         f"time budget {run.cfg.time_budget}: {choice.calibration.images_per_sec:.0f} images/s and "
         f"{choice.calibration.eval_seconds:.1f}s per evaluation measured, so {choice.total_steps} steps "

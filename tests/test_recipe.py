@@ -168,7 +168,7 @@ def test_recipe_ablation_writes_rows_and_a_table(tmp_path):
     out = tmp_path / "r.jsonl"
     cmd = [sys.executable, str(ROOT / "bench" / "recipe.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
            "--seeds", "0", "--rows", "recipe,-whiten", "--out", str(out), "--workdir", str(tmp_path / "w"),
-           "--extra", "--epochs", "1", "--max-steps-per-epoch", "2", "--amp", "off", "--muon-ns-dtype", "fp32"]
+           "--extra", "--epochs", "1", "--max-steps-per-epoch", "2", "--amp", "off", "--muon-ns-dtype", "fp32", "--tta", "none"]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]

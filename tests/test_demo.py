@@ -1,0 +1,40 @@
+"""`make demo` on the CPU most users have: its own command, on AVX2 kernels (bf16 emulated), a short budget.
+
+It shows that the demo starts, times its precision and trains on such a CPU (not its accuracy), so a
+recipe or a precision choice that only works on one CPU kind cannot land again.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}  # torch's and oneDNN's AVX2 kernels on any x86 CPU
+
+
+def demo_command(budget: str) -> list[str]:
+    """The Makefile's demo line, with its time budget replaced."""
+    line = next(x for x in (ROOT / "Makefile").read_text().splitlines() if "train.py --config configs/demo.yaml" in x)
+    args = line.split("train.py", 1)[1].split()
+    args[args.index("--time-budget") + 1] = budget
+    return [sys.executable, str(ROOT / "train.py"), *[str(ROOT / a) if a.endswith(".yaml") else a for a in args]]
+
+
+def test_demo_starts_and_trains_on_avx2_kernels(tmp_path):
+    env = {**os.environ, **AVX2, "PYTHONUNBUFFERED": "1"}
+    env.pop("PREACTRESNET_PRECISION_CACHE", None)  # a fresh clone's cache: .preactresnet/ in the working folder
+    done = subprocess.run([*demo_command("10s"), "--no-progress"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"^precision auto: .*Muon orthogonalizing in (fp32|bf16).*timed here", done.stdout, re.M), done.stdout[-3000:]
+    (key,) = json.loads((tmp_path / ".preactresnet" / "precision.json").read_text())["entries"]
+    assert "AVX2" in key, "the figures were timed on the AVX2 kernels and cached under them"
+    rows = list(csv.DictReader(open(tmp_path / "runs" / "demo" / "metrics.csv")))
+    assert rows and int(rows[-1]["step"]) >= 5 and float(rows[-1]["test_acc"]) > 10.0, "trained past chance (10%)"
+    assert float(rows[-1]["eval_seconds"]) > 0 and "final test accuracy" in done.stdout

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -69,6 +70,13 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "-muon": ("Nesterov SGD lr 0.1 instead of Muon", ["--optimizer", "sgd", "--lr", "0.1", "--warmup-lr", "0.01"]),
     "muon-lr0.01": ("Muon, lr 0.01", ["--optimizer", "muon", "--lr", "0.01", "--warmup-lr", "0.001"]),
     "muon-lr0.04": ("Muon, lr 0.04", ["--optimizer", "muon", "--lr", "0.04", "--warmup-lr", "0.004"]),
+    "muon-lr0.03": ("Muon, lr 0.03", ["--optimizer", "muon", "--lr", "0.03", "--warmup-lr", "0.003"]),
+    "warm0.25": ("warmup 0.25 epochs", ["--warmup-epochs", "0.25"]),
+    "warm1": ("warmup 1 epoch", ["--warmup-epochs", "1"]),
+    "bs64-lr0.04": ("batch 64, Muon lr 0.04", ["--batch-size", "64", "--lr", "0.04", "--warmup-lr", "0.004"]),
+    "bs64-lr0.03": ("batch 64, Muon lr 0.03", ["--batch-size", "64", "--lr", "0.03", "--warmup-lr", "0.003"]),
+    "bs64-lr0.04-warm0.25": ("batch 64, Muon lr 0.04, warmup 0.25 epochs",
+                             ["--batch-size", "64", "--lr", "0.04", "--warmup-lr", "0.004", "--warmup-epochs", "0.25"]),
     "erase": ("random erasing p 0.25 (cutout-like)", ["--erase-prob", "0.25"]),
     "mix": ("MixUp/CutMix on half the batches", ["--mix-prob", "0.5"]),
 }
@@ -110,6 +118,7 @@ def run_one(args, row: str, seed: int, workdir: Path) -> dict:
         "images_per_sec": statistics.mean(float(r["images_per_sec"]) for r in history),
         "train_eval_seconds": float(last["elapsed_seconds"]), "wall_seconds": round(time.perf_counter() - start, 1),
         "cpu": torch.backends.cpu.get_cpu_capability(), "command": " ".join(cmd[1:]),
+        "kernels_env": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ},
     }
 
 

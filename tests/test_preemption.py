@@ -123,6 +123,19 @@ def test_resume_on_another_device_type(tmp_path):
     assert result["history"][-1]["epoch"] == 2
 
 
+def test_resume_on_another_device_type_builds_this_devices_optimizer(tmp_path):
+    """A GPU run's optimizer was built fused; resumed on a CPU, the loaded state must not carry that over."""
+    run_dir = _saved_state(tmp_path, at="end", extra=("--optimizer", "sgd", "--lr", "0.1"))
+    state = load_state(run_dir / "last.state.pt")
+    for group in state["optimizer"]["param_groups"]:
+        group.update(fused=True, foreach=None)  # what build_optimizer gives on CUDA
+    save_state(run_dir / "last.state.pt", state)
+    resumed = trainer(tmp_path, "--resume", str(run_dir))
+    built = trainer(tmp_path / "fresh", "--optimizer", "sgd", "--lr", "0.1")
+    assert [g.get("fused") for g in resumed.optimizer.param_groups] == [g.get("fused") for g in built.optimizer.param_groups]
+    assert not any(g.get("fused") for g in resumed.optimizer.param_groups)
+
+
 def test_resumed_run_keeps_the_precision_it_began_with(tmp_path):
     here = resolve_amp("auto", torch.device("cpu"))
     other = "off" if here is not None else "bf16"

@@ -198,13 +198,8 @@ def describe(c: dict) -> str:
 def muon_ns_dtype(model: str, width: float, batch: int, device: torch.device, out=print) -> str:
     """Muon's orthogonalization dtype for the profile: timed (or read from the cache) as train.py's auto does."""
     cfg = TrainConfig(model=model, width_mult=width, batch_size=batch, optimizer="muon", device=str(device))
-    if device.type == "cuda":
-        chosen = precision.gpu_rule(cfg, device)["muon_ns_dtype"]
-        out(f"Muon orthogonalization on this GPU: {chosen} (bf16 from compute capability 8.0)")
-        return chosen
-    figures, source = precision.timed_figures(cfg, 10, True, ("ns",), time.perf_counter, precision.cache_path())
-    chosen = precision.choose(figures, ("ns",))
-    out(precision.describe(chosen, figures, source).replace("precision auto: ", ""))
+    chosen, line = precision.decide(cfg, ("ns",), 10, True)
+    out(line)
     return chosen["muon_ns_dtype"]
 
 

@@ -161,12 +161,12 @@ def describe(chosen: dict, figures: dict, source: str) -> str:
     return f"precision auto: {'; '.join(parts)}; {source}"
 
 
-def gpu_rule(cfg: TrainConfig, device: torch.device) -> dict:
+def gpu_rule(wanted: tuple, device: torch.device) -> dict:
     """On a GPU: bf16 from compute capability 8.0 (A100, H100, RTX 30xx on), else fp16 autocast and fp32 Muon."""
     chosen = {}
-    if cfg.amp == "auto":
+    if "amp" in wanted:
         chosen["amp"] = PRECISION_NAMES[resolve_amp("auto", device)]
-    if cfg.optimizer == "muon" and cfg.muon_ns_dtype == "auto":
+    if "ns" in wanted:
         chosen["muon_ns_dtype"] = "bf16" if cuda_has_bf16(device) else "fp32"
     return chosen
 
@@ -179,18 +179,22 @@ def resolve_precision(run: ResolvedConfig, dist: DistInfo, num_classes: int, cha
     wanted = tuple(w for w, auto in (("amp", cfg.amp == "auto"), ("ns", cfg.optimizer == "muon" and cfg.muon_ns_dtype == "auto")) if auto)
     if run.state is not None or not wanted:
         return run
-    device = resolve_device(cfg.device)
-    if device.type == "cuda":
-        chosen = gpu_rule(cfg, device)
-        line = "precision auto on a GPU: " + ", ".join(f"{k} {v}" for k, v in chosen.items()) + " (bf16 from compute capability 8.0)"
-    elif dist.is_main:
-        figures, source = timed_figures(cfg, num_classes, channels_last, wanted, clock, path or cache_path())
-        chosen = choose(figures, wanted)
-        line = describe(chosen, figures, source)
-    else:
-        chosen, line = None, None
-    chosen, line = broadcast_object((chosen, line), dist)  # rank 0 timed: every rank trains alike
+    chosen, line = decide(cfg, wanted, num_classes, channels_last, clock, path) if dist.is_main else (None, None)
+    chosen, line = broadcast_object((chosen, line), dist)  # rank 0 decided (timed on a CPU): every rank trains alike
     return dataclasses.replace(run, cfg=dataclasses.replace(cfg, **chosen), precision={"chosen": chosen, "line": line})
 
 
-__all__ = ["CACHE_ENV", "CACHE_PATH", "cache_path", "choose", "measure", "resolve_precision", "timed_figures"]
+def decide(cfg: TrainConfig, wanted: tuple, num_classes: int, channels_last: bool, clock=time.perf_counter,
+           path: Path | None = None) -> tuple[dict, str]:
+    """The settings for `wanted` ('amp', 'ns') on this machine, and the line saying why: a GPU's by its
+    compute capability, a CPU's timed (or read from the cache). train.py and optimize_system.py share it."""
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        chosen = gpu_rule(wanted, device)
+        return chosen, "precision auto on a GPU: " + ", ".join(f"{k} {v}" for k, v in chosen.items()) + " (bf16 from compute capability 8.0)"
+    figures, source = timed_figures(cfg, num_classes, channels_last, wanted, clock, path or cache_path())
+    chosen = choose(figures, wanted)
+    return chosen, describe(chosen, figures, source)
+
+
+__all__ = ["CACHE_ENV", "CACHE_PATH", "cache_path", "choose", "decide", "measure", "resolve_precision", "timed_figures"]

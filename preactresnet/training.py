@@ -221,10 +221,9 @@ class Trainer:
         if profile is not None:
             applied = ", ".join(f"{k}={v}" for k, v in profile["applied"].items()) or "nothing new"
             self.out(f"using system profile {profile['path']} ({applied}); --profile off ignores it")
-        self.device = resolve_device(cfg.device)
-        if self.dist.enabled and self.device.type == "cuda":
+        self.device = resolve_device(cfg.device)  # a GPU comes indexed and current (set_device)
+        if self.dist.enabled and self.device.type == "cuda":  # under torchrun each rank takes its local GPU
             self.device = torch.device("cuda", self.dist.local_rank)
-        if self.device.type == "cuda":  # cuda:N: synchronize, the bf16 check and new tensors all mean this GPU
             torch.cuda.set_device(self.device)
         # Linear scaling rule (Goyal et al. 2017): the global batch grew world_size times. The config
         # keeps the unscaled values (a resume must use the same world size: config._check_resumable).

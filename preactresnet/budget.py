@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .distributed import DistInfo, broadcast_object
+from .distributed import DistInfo, all_reduce_max
 
 if TYPE_CHECKING:  # config.py imports parse_duration from here
     from .config import ResolvedConfig
@@ -105,7 +105,9 @@ def plan(budget_seconds: float, steps_per_epoch: int, cal: Calibration) -> Budge
 
 
 def calibrate(trainer) -> Calibration:
-    """Time real steps (after WARMUP_STEPS untimed ones) and one evaluation on a throwaway trainer."""
+    """Time real steps (after WARMUP_STEPS untimed ones) and one evaluation on a throwaway trainer.
+    Under torchrun every rank steps (DDP's collectives need them all) and the slowest rank's times count,
+    so every rank takes the same number of steps."""
     trainer.train_loader.set_epoch(0)
     trainer.train_steps(WARMUP_STEPS)
     steps, seconds = 0, 0.0
@@ -113,19 +115,19 @@ def calibrate(trainer) -> Calibration:
         if trainer.train_loader.batch >= trainer.steps_per_epoch:
             trainer.train_loader.set_epoch(trainer.train_loader.epoch + 1)
         stats = trainer.train_steps(min(5, trainer.steps_per_epoch - trainer.train_loader.batch))
-        steps, seconds = steps + stats.steps, seconds + stats.seconds
+        steps, seconds = steps + stats.steps, seconds + all_reduce_max([stats.seconds], trainer.dist)[0]
     start = time.perf_counter()
     trainer.evaluate_epoch()
     if trainer.device.type == "cuda":
         torch.cuda.synchronize(trainer.device)
-    return Calibration(seconds / steps, time.perf_counter() - start, trainer.cfg.batch_size)
+    (eval_seconds,) = all_reduce_max([time.perf_counter() - start], trainer.dist)
+    return Calibration(seconds / steps, eval_seconds, trainer.cfg.batch_size)
 
 
 def fit_to_budget(trainer, run: ResolvedConfig, dist: DistInfo, out=print) -> tuple[ResolvedConfig, BudgetPlan]:
-    """Calibrate on `trainer` (then discarded), choose on rank 0, and return the finished config."""
+    """Calibrate on `trainer` (then discarded) on every rank and return the finished config."""
     budget = parse_duration(run.cfg.time_budget)
-    choice = plan(budget, trainer.steps_per_epoch, calibrate(trainer)) if dist.is_main else None
-    choice = broadcast_object(choice, dist)
+    choice = plan(budget, trainer.steps_per_epoch, calibrate(trainer))  # the same figures on every rank: one plan
     cfg = dataclasses.replace(run.cfg, epochs=choice.epochs, total_steps=choice.total_steps)
     finish = time.strftime("%H:%M:%S", time.localtime(time.time() + choice.expected_seconds))
     if choice.total_steps < choice.steps_per_epoch:

@@ -268,7 +268,8 @@ def resolve_config(cfg: TrainConfig, explicit: dict, dist: DistInfo, warn=print)
     if state is None:  # a resumed run keeps the settings it was saved with
         cfg, profile = _with_profile(cfg, explicit, warn)
     if not cfg.run_name:
-        cfg = dataclasses.replace(cfg, run_name=broadcast_object(f"{cfg.model}-{datetime.now():%Y%m%d-%H%M%S}", dist))
+        cfg = dataclasses.replace(cfg, run_name=f"{cfg.model}-{datetime.now():%Y%m%d-%H%M%S}")
+    cfg, profile = broadcast_object((cfg, profile), dist)  # rank 0's settings on every rank: one run, not several
     return ResolvedConfig(cfg, state, run_dir, profile)
 
 

@@ -3,15 +3,22 @@
     torchrun --nproc_per_node=8 train.py --config configs/preactresnet18.yaml
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them everything here is a no-op.
+Two environment variables set the waits (seconds): PREACTRESNET_DIST_TIMEOUT, any collective (torch's
+default: 10 min with NCCL, 30 with gloo); PREACTRESNET_DATA_TIMEOUT, the wait for each node's first
+process to build the data cache (2 h by default: a first run may decode a large dataset).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+TIMEOUT_ENV, DATA_TIMEOUT_ENV = "PREACTRESNET_DIST_TIMEOUT", "PREACTRESNET_DATA_TIMEOUT"
 
 
 @dataclass(frozen=True)
@@ -19,6 +26,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    host_group: object = field(default=None, compare=False, repr=False)  # gloo: waits and host-side values
 
     @property
     def is_main(self) -> bool:
@@ -29,26 +37,79 @@ class DistInfo:
         return self.world_size > 1
 
 
+def _seconds(env: str, default: float | None) -> timedelta | None:
+    value = os.environ.get(env)
+    return timedelta(seconds=float(value)) if value else (None if default is None else timedelta(seconds=default))
+
+
+def backend_for(use_cuda: bool) -> str:
+    """gloo on CPUs; on GPUs NCCL for CUDA tensors and gloo for CPU ones (a config, a stop flag)."""
+    return "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
+    """Join torchrun's process group (the device itself is chosen and made current by system.resolve_device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and not device.startswith("cpu")
     if not dist.is_initialized():
-        if use_cuda:
-            torch.cuda.set_device(local)
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return DistInfo(rank, world, local)
+        dist.init_process_group(backend=backend_for(use_cuda), timeout=_seconds(TIMEOUT_ENV, None))
+    # monitored_barrier (a wait with its own timeout) needs a plain gloo group: the default one is that on CPUs
+    host = dist.new_group(backend="gloo", timeout=_seconds(TIMEOUT_ENV, None)) if use_cuda else dist.group.WORLD
+    return DistInfo(rank, world, local, host)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> None:
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
-def barrier(info: DistInfo) -> None:
+def all_reduce_max(values: list[float], info: DistInfo) -> list[float]:
+    """The largest of each value over all ranks (host floats, through the gloo group)."""
+    if not info.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=info.host_group)
+    return t.tolist()
+
+
+def broadcast_buffers(*modules: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank, in place."""
+    for module in modules:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+class Agreement:
+    """A flag (a stop) agreed over all ranks about every `every` seconds, however long a step takes.
+
+    Ranks meet at the same call counts: the next meeting is set from the slowest rank's time per call at
+    the last one, so it is the same number on every rank. Host values through gloo: no GPU synchronization.
+    """
+
+    def __init__(self, info: DistInfo, every: float = 1.0):
+        self.info, self.every = info, every
+        self.calls, self.due, self.since, self.at = 0, 1, time.monotonic(), 0
+
+    def poll(self, flag: bool) -> bool:
+        """Call once per step on every rank: whether any rank's flag was set (decided at meetings only)."""
+        if not self.info.enabled:
+            return flag
+        self.calls += 1
+        if self.calls < self.due:
+            return False
+        now = time.monotonic()
+        anyone, per_call = all_reduce_max([float(flag), (now - self.since) / (self.calls - self.at)], self.info)
+        self.due = self.calls + max(1, int(self.every / max(per_call, 1e-6)))
+        self.since, self.at = now, self.calls
+        return anyone > 0
+
+
+def wait_for_data(info: DistInfo) -> None:
+    """Every rank waits here while each node's first process builds the data (a long wait, not a hang)."""
     if info.enabled:
-        dist.barrier()
+        dist.monitored_barrier(group=info.host_group, timeout=_seconds(DATA_TIMEOUT_ENV, 7200.0), wait_all_ranks=True)
 
 
 def gather_objects(value, info: DistInfo) -> list | None:
@@ -56,7 +117,7 @@ def gather_objects(value, info: DistInfo) -> list | None:
     if not info.enabled:
         return [value]
     box = [None] * info.world_size if info.is_main else None
-    dist.gather_object(value, box, dst=0)
+    dist.gather_object(value, box, dst=0, group=info.host_group)
     return box
 
 
@@ -64,7 +125,7 @@ def broadcast_object(value, info: DistInfo):
     if not info.enabled:
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=info.host_group)
     return box[0]
 
 

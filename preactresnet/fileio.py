@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import glob
 import os
+import socket
 import sys
 from pathlib import Path
 
 
 def temp_name(path: Path, pid: int | None = None) -> Path:
     """A hidden sibling with the same suffix (writers such as matplotlib read the format from it):
-    `.last.tmp.1234.safetensors`. Globs that list checkpoints skip hidden names."""
-    return path.with_name(f".{path.stem}.tmp.{os.getpid() if pid is None else pid}{path.suffix}")
+    `.last.tmp.host-1234.safetensors`, named by machine and process (a shared folder serves several
+    machines, whose process ids mean nothing here). Globs that list checkpoints skip hidden names."""
+    return path.with_name(f".{path.stem}.tmp.{socket.gethostname()}-{os.getpid() if pid is None else pid}{path.suffix}")
 
 
 def atomic_write(path: str | Path, write) -> Path:
@@ -23,8 +25,8 @@ def atomic_write(path: str | Path, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{glob.escape(path.stem)}.tmp.*{glob.escape(path.suffix)}"):
-        pid = stale.name.removeprefix(f".{path.stem}.tmp.").removesuffix(path.suffix)
-        if not _alive(pid):
+        host, _, pid = stale.name.removeprefix(f".{path.stem}.tmp.").removesuffix(path.suffix).rpartition("-")
+        if host in ("", socket.gethostname()) and not _alive(pid):  # another machine's may be a live write
             stale.unlink(missing_ok=True)
     tmp = temp_name(path)
     try:

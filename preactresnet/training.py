@@ -28,7 +28,7 @@ from .budget import fit_to_budget
 from .checkpoint import WeightsMeta, portable_path, rank_state, save_state, save_weights
 from .config import ResolvedConfig, TrainConfig, resolve_config
 from .data import BatchAugment, TensorLoader, load_dataset
-from .distributed import DistInfo, all_reduce_sum, barrier, gather_objects, init_distributed
+from .distributed import Agreement, DistInfo, all_reduce_sum, broadcast_buffers, gather_objects, init_distributed, wait_for_data
 from .evaluation import EvalResult, evaluate
 from .fileio import atomic_write
 from .hub import load_pretrained_into
@@ -189,6 +189,7 @@ class Trainer:
         self.budget = run.budget  # --time-budget's calibration and choice, logged with every epoch
         self.precision_line = (run.precision or {}).get("line")  # why --amp/--muon-ns-dtype auto chose what it did
         self.writer, self.stop = NullWriter(), StopFlag()
+        self.agreement = Agreement(self.dist)  # when the ranks compare their stop flags
         self.start_epoch, self.step, self.history = 0, 0, []
         self.best_metric, self.best_epoch = -1.0, -1
         self.resumed_mid_epoch = False
@@ -233,11 +234,12 @@ class Trainer:
 
     def _build_data(self) -> None:
         cfg, shard = self.cfg, dict(rank=self.dist.rank, world_size=self.dist.world_size)
-        if not self.dist.is_main:
-            barrier(self.dist)  # rank 0 alone downloads and builds the cache; the others then read it
+        first_on_node = self.dist.local_rank == 0  # each node builds its own cache: no shared folder assumed
+        if not first_on_node:
+            wait_for_data(self.dist)  # the node's first process downloads and builds; its neighbours then read
         self.data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, val_size=cfg.val_size, seed=cfg.seed)
-        if self.dist.is_main:
-            barrier(self.dist)
+        if first_on_node:
+            wait_for_data(self.dist)
         dtype, mean, std = self.amp_dtype or torch.float32, self.data.mean, self.data.std
         train_tf = BatchAugment(cfg.augment(), mean, std, dtype, self.channels_last)
         self.train_loader = TensorLoader(
@@ -268,8 +270,8 @@ class Trainer:
         model = create_model(cfg.model, **self.model_args)
         if fresh and cfg.pretrained:
             self.out(load_pretrained_into(model, cfg.model, cfg.pretrained))
-        elif fresh and cfg.whiten_stem:
-            whiten_stem_(model, self.data.train_images, self.data.mean, self.data.std)
+        elif fresh and cfg.whiten_stem and self.dist.is_main:  # under torchrun DDP sends rank 0's stem to the others
+            whiten_stem_(model, self.data.train_images, self.data.mean, self.data.std, seed=cfg.seed)
         self.model = model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         if self.dist.enabled and cfg.sync_bn:
             if self.device.type == "cpu":
@@ -390,10 +392,14 @@ class Trainer:
         epochs = tqdm(range(self.start_epoch, cfg.epochs), desc="epochs", disable=self._bars, initial=self.start_epoch, total=cfg.epochs)
         final: EvalResult | None = None
         self._sync_debug()
-        with self.stop:
-            for epoch in epochs:
-                final = self.run_epoch(epoch)
-                epochs.set_postfix(test_acc=f"{final.accuracy:.2f}")
+        try:
+            with self.stop:
+                for epoch in epochs:
+                    final = self.run_epoch(epoch)
+                    epochs.set_postfix(test_acc=f"{final.accuracy:.2f}")
+        finally:
+            if self.cfg.sync_debug and self.device.type == "cuda":
+                torch.cuda.set_sync_debug_mode(0)  # the process may go on (a notebook, the tests): no warnings left on
         self.writer.close()
         self._write_curves()
         if final is None:  # resumed a finished run
@@ -436,8 +442,9 @@ class Trainer:
     def train_steps(self, n: int, epoch: int = 0) -> StepStats:
         """Up to `n` optimizer steps from the loader's current position (fewer if a stop is agreed).
 
-        Host synchronizations: one per --log-interval steps (the logged loss; under torchrun also the
-        stop decision, all-reduced so every rank stops at the same step) and one at the end.
+        Host synchronizations: one per --log-interval steps (the logged loss, and under torchrun the stop
+        flags) and one at the end. Between them torchrun's ranks compare stop flags about once a second
+        (host values through gloo, no GPU synchronization), so every rank stops at the same step, soon.
         """
         self.model.train()
         bar = tqdm(total=n, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False, disable=self._bars)
@@ -456,7 +463,8 @@ class Trainer:
                     break
                 window.zero_()
                 in_window = 0
-            elif self.stop.stop and not self.dist.enabled:
+            elif self.agreement.poll(self.stop.stop):  # at once alone; under torchrun within about a second
+                self.stop.stop = True
                 break
         steps_here = torch.full((), float(count), device=self.device)
         loss_total, steps_total, stop = self._over_ranks(loss_sum, steps_here, self._stop_flag())
@@ -494,7 +502,8 @@ class Trainer:
         with autocast(self.device, self.amp_dtype):
             logits = self.forward(x)
         loss = self.criterion(logits.float(), target)
-        self.optimizer.zero_grad(set_to_none=True)
+        # Under DDP the gradients are views into its all-reduce buckets: zeroed in place, never dropped.
+        self.optimizer.zero_grad(set_to_none=not self.dist.enabled)
         self.scaler.scale(loss).backward()
         if self.cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
@@ -543,8 +552,11 @@ class Trainer:
 
     # -- end of an epoch: evaluate, log, checkpoint --------------------------------------------------
     def evaluate_epoch(self) -> EpochEval:
-        """Test (and validation) accuracy of the model and, with --ema, of its EMA."""
+        """Test (and validation) accuracy of the model and, with --ema, of its EMA. Under torchrun every rank
+        first takes rank 0's BatchNorm statistics: one model (the one rank 0 saves) scores every shard."""
         k, amp, reduce = self.data.num_classes, self.amp_dtype, self.reduce
+        if self.dist.enabled:
+            broadcast_buffers(self.model, *([self.ema.module] if self.ema is not None else []))
         result = EpochEval(test=evaluate(self.model, self.test_loader, k, amp, reduce))
         if self.val_loader is not None:
             result.val = evaluate(self.model, self.val_loader, k, amp, reduce)

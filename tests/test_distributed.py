@@ -1,11 +1,14 @@
-"""Several processes on the CPU with gloo: the same code path torchrun runs on GPUs with NCCL."""
+"""Several processes on the CPU with gloo: the code path torchrun runs on GPUs with NCCL.
+
+Most tests fork their ranks from the test process (tests/ranks.py: a second, not a new interpreter per
+rank); two launch the real torchrun: a SIGTERM to the launcher, and two nodes on the loopback address.
+"""
 
 import csv
 import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from ranks import RankFailed, free_port, run_ranks
 from safetensors.torch import load_file
 
 from preactresnet.checkpoint import load_state
@@ -28,10 +31,8 @@ COMMON = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def outputs(tmp_path: Path) -> list[str]:
+    return ["--checkpoint-dir", str(tmp_path / "ck"), "--log-dir", str(tmp_path / "runs"), "--fig-dir", str(tmp_path / "fig")]
 
 
 def _batch_free_model():
@@ -51,24 +52,23 @@ def _batch_free_model():
     training.create_model = build
 
 
-def _worker(rank: int, world: int, port: int, argv: list[str]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    _batch_free_model()
-    from preactresnet.distributed import cleanup
+def _build(argv):
     from preactresnet.training import Trainer
 
     cfg, explicit = parse_args(argv)
-    try:
-        Trainer.from_config(cfg, explicit, out=lambda *a: None).fit()
-    finally:
-        cleanup()
+    return Trainer.from_config(cfg, explicit, out=lambda *a: None)
+
+
+def _fit(rank, argv, batch_free=False):
+    if batch_free:
+        _batch_free_model()
+    return _build(argv).fit()["final"].accuracy
 
 
 def test_two_processes_match_one_with_double_batch(tmp_path):
-    out = ["--checkpoint-dir", str(tmp_path / "ck"), "--log-dir", str(tmp_path / "runs"), "--fig-dir", str(tmp_path / "fig")]
-    mp.spawn(_worker, args=(2, _free_port(), [*COMMON, *out, "--batch-size", "16", "--run-name", "ddp"]), nprocs=2, join=True)
-    mp.spawn(_worker, args=(1, _free_port(), [*COMMON, *out, "--batch-size", "32", "--run-name", "single"]), nprocs=1, join=True)
+    out = outputs(tmp_path)
+    run_ranks(_fit, 2, [*COMMON, *out, "--batch-size", "16", "--run-name", "ddp"], True)
+    run_ranks(_fit, 1, [*COMMON, *out, "--batch-size", "32", "--run-name", "single"], True)
     ddp = load_file(tmp_path / "ck" / "ddp" / "last.safetensors")
     single = load_file(tmp_path / "ck" / "single" / "last.safetensors")
     assert ddp.keys() == single.keys() and not any(k.startswith("module.") for k in ddp)
@@ -83,54 +83,151 @@ def test_two_processes_match_one_with_double_batch(tmp_path):
     assert (ips - 0.05) * (seconds - 0.005) <= 3 * 16 * 2 <= (ips + 0.05) * (seconds + 0.005), (ips, seconds)
 
 
-def test_torchrun_launch_then_single_process_resume(tmp_path):
-    out = ["--checkpoint-dir", str(tmp_path / "ck"), "--log-dir", str(tmp_path / "runs"), "--fig-dir", str(tmp_path / "fig")]
-    args = [a for a in COMMON if a != "--deterministic"]
-    args[args.index("--epochs") + 1] = "2"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           *args, *out, "--batch-size", "16", "--run-name", "tr"]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("final test accuracy") == 1  # rank 0 alone reports
-    found = re.search(r"final test accuracy: ([\d.]+)% \((\d+)/(\d+)\)", done.stdout)
-    assert found and int(found[3]) == 2000, "every test image counted once across ranks"
-    assert float(found[1]) == pytest.approx(100 * int(found[2]) / 2000, abs=0.005)
-    state = load_state(tmp_path / "ck" / "tr" / "last.state.pt")
-    assert state["step"] == 6 and not any(k.startswith("module.") for k in state["model"])
-    # The distributed run's checkpoint resumes in one process (the finished run re-evaluates).
+def test_evaluation_scores_one_model_on_every_rank(tmp_path):
+    """Each rank's BatchNorm statistics drift apart in training; the reported test figures must be those of
+    the one model rank 0 saves, scored on all 2,000 images in one process."""
+    argv = [*COMMON, *outputs(tmp_path), "--batch-size", "16", "--max-steps-per-epoch", "4", "--run-name", "bn"]
+    accuracy = run_ranks(_fit, 2, argv)
+    rows = list(csv.DictReader(open(tmp_path / "runs" / "bn" / "metrics.csv")))
+    cfg, explicit = parse_args(["--resume", str(tmp_path / "ck" / "bn"), "--no-progress"])
     from preactresnet.training import Trainer
 
-    cfg, explicit = parse_args(["--resume", str(tmp_path / "ck" / "tr"), "--no-progress"])
-    result = Trainer.from_config(cfg, explicit, out=lambda *a: None).fit()
-    assert result["final"].total == 2000
+    alone = Trainer.from_config(cfg, explicit, out=lambda *a: None).fit()["final"]  # a finished run: evaluated again
+    assert alone.total == 2000 and accuracy[0] == accuracy[1] == pytest.approx(alone.accuracy, abs=1e-9)
+    assert float(rows[-1]["test_loss"]) == pytest.approx(alone.loss, rel=1e-4), "the figures mix two models' statistics"
+
+
+def _bucket_views(rank, argv):
+    """Gradient storage after each zero_grad of 3 real steps: in place (DDP's buckets) or dropped (None)."""
+    t = _build(argv)
+    seen, zero_grad = [], t.optimizer.zero_grad
+
+    def watched(set_to_none=True):
+        zero_grad(set_to_none=set_to_none)
+        seen.append([None if p.grad is None else p.grad.data_ptr() for p in t.model.parameters()])
+
+    t.optimizer.zero_grad = watched
+    t.train_loader.set_epoch(0)
+    t.train_steps(3)
+    return t.forward.gradient_as_bucket_view, seen
+
+
+def test_ddp_gradients_stay_in_its_buckets_across_steps(tmp_path):
+    argv = [*COMMON, *outputs(tmp_path), "--batch-size", "8"]
+    for as_view, seen in run_ranks(_bucket_views, 2, argv):
+        assert as_view and len(seen) == 3
+        assert None not in seen[1] and seen[1] == seen[2], "zero_grad dropped the bucket views: fresh gradients each step"
 
 
 def test_sync_bn_on_cpu_is_a_clear_error(tmp_path):
-    argv = [*COMMON, "--sync-bn", "--batch-size", "16", "--checkpoint-dir", str(tmp_path)]
-    with pytest.raises(mp.ProcessRaisedException, match="--sync-bn needs GPUs"):
-        mp.spawn(_worker, args=(2, _free_port(), argv), nprocs=2, join=True)
+    with pytest.raises(RankFailed, match="--sync-bn needs GPUs"):
+        run_ranks(_fit, 2, [*COMMON, "--sync-bn", "--batch-size", "16", *outputs(tmp_path)])
 
 
-def _torchrun(nproc: int, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py", *args]
+def _resolved(rank, argv, profile_dir):
+    """resolve_config with a different system profile on each rank (as on two machines)."""
+    import preactresnet.config as config
+    from preactresnet.distributed import init_distributed
+
+    config.load_profile = lambda *a, **k: {"path": f"{profile_dir}/rank{rank}.json", "settings": {"channels_last": rank == 1,
+                                                                                                  "batch_size": 16 * (rank + 1)}}
+    cfg, explicit = parse_args(argv)
+    run = config.resolve_config(cfg, explicit, init_distributed(cfg.device), warn=lambda *a: None)
+    return run.cfg, run.profile["path"]
 
 
-def test_sigterm_under_torchrun_saves_mid_epoch_and_resumes_bit_identically(tmp_path):
+def test_every_rank_trains_with_rank_zeros_resolved_config(tmp_path):
+    (cfg0, path0), (cfg1, path1) = run_ranks(_resolved, 2, [*COMMON, *outputs(tmp_path)], str(tmp_path))
+    assert cfg0 == cfg1 and path0 == path1 == f"{tmp_path}/rank0.json" and cfg1.batch_size == 16
+
+
+def test_process_group_backend_serves_cpu_and_cuda_tensors(monkeypatch):
+    import torch.distributed as dist
+
+    import preactresnet.distributed as d
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.append(("init", kw["backend"])))
+    monkeypatch.setattr(dist, "new_group", lambda **kw: calls.append(("host", kw["backend"])) or "gloo-group")
+    info = d.init_distributed("auto")
+    assert calls == [("init", "cpu:gloo,cuda:nccl"), ("host", "gloo")] and info.host_group == "gloo-group"
+    calls.clear()
+    d.init_distributed("cpu")
+    assert calls == [("init", "gloo")]
+
+
+def _budgeted(rank, argv):
+    import preactresnet.budget as budget
+
+    budget.MIN_TIMED_SECONDS = 0.5  # the same calibration, shorter: the test checks agreement, not its precision
+    t = _build(argv)
+    plan = (t.cfg.epochs, t.cfg.total_steps)
+    t.fit()
+    return plan, t.step
+
+
+def test_time_budget_under_torchrun_plans_once_for_all_ranks(tmp_path):
+    argv = [*COMMON, *outputs(tmp_path), "--batch-size", "16"]
+    del argv[argv.index("--epochs"):argv.index("--epochs") + 2]  # the budget chooses them
+    (plan0, steps0), (plan1, steps1) = run_ranks(_budgeted, 2, [*argv, "--time-budget", "4s"], timeout=90)
+    assert plan0 == plan1 and steps0 == steps1 == plan0[1] >= 5
+
+
+def _slow_steps_then_signal(rank, argv, seconds_per_step, at):
+    """Steps slowed to `seconds_per_step`; rank 1 gets SIGTERM after step `at`; both must stop soon after."""
+    from preactresnet.training import Stopped
+
+    t = _build(argv)
+    step = t._step
+
+    def slow(x, y):
+        time.sleep(seconds_per_step)
+        loss = step(x, y)
+        if rank == 1 and t.step == at:
+            os.kill(os.getpid(), signal.SIGTERM)
+            t.signalled = time.monotonic()
+        return loss
+
+    t._step = slow
+    try:
+        t.fit()
+    except Stopped:
+        return t.step, time.monotonic() - getattr(t, "signalled", time.monotonic())
+    return t.step, None
+
+
+def test_a_stop_is_agreed_within_seconds_between_log_lines(tmp_path):
+    """Log every 50 steps of 0.3 s (15 s apart); SIGTERM on one rank after step 3: both ranks stop at the
+    same step within about a second, far before the next log line."""
+    argv = [*COMMON, *outputs(tmp_path), "--batch-size", "8", "--max-steps-per-epoch", "40", "--log-interval", "50"]
+    (step0, _), (step1, took) = run_ranks(_slow_steps_then_signal, 2, argv, 0.3, 3, timeout=60)
+    assert step0 == step1 and 3 <= step1 <= 10, (step0, step1)
+    assert took is not None and took < 3.0, took
+    state = load_state(next((tmp_path / "ck").glob("*/last.state.pt")))
+    assert state["step"] == step0 and [r["loader"]["batch"] for r in state["ranks"]] == [step0, step0]
+
+
+def _torchrun(nproc: int, *args: str, node: tuple[int, int] | None = None) -> list[str]:
+    where = ["--standalone"] if node is None else ["--nnodes", "2", "--node_rank", str(node[0]), "--master_addr",
+                                                   "127.0.0.1", "--master_port", str(node[1])]
+    return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc_per_node={nproc}", str(ROOT / "train.py"), *args]
+
+
+def test_sigterm_under_torchrun_saves_mid_epoch_and_resumes_bit_identically(tmp_path, capsys):
     """What a cluster does: SIGTERM to the launcher at a random step; both ranks stop at the same step
     within 30 s, rank 0 saves every rank's stream; a 2-process resume matches an unbroken run bit for bit,
     and a 1-process resume is refused in one line (README: resume on the same number of processes)."""
     demo = [
-        "--config", "configs/demo.yaml", "--epochs", "2", "--max-steps-per-epoch", "12", "--deterministic",
+        "--config", str(ROOT / "configs/demo.yaml"), "--epochs", "2", "--max-steps-per-epoch", "12", "--deterministic",
         "--amp", "off", "--muon-ns-dtype", "fp32",  # the same on every CPU kind, and nothing timed per launch
         "--batch-size", "32", "--tta", "none",  # what is checked (where it stops, what is saved, the resume) needs neither
-        "--no-progress", "--profile", "off", "--log-interval", "1", "--checkpoint-dir", str(tmp_path / "ck"),
-        "--log-dir", str(tmp_path / "runs"), "--fig-dir", str(tmp_path / "fig"),
+        "--no-progress", "--profile", "off", "--log-interval", "1", *outputs(tmp_path),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    whole = subprocess.run(_torchrun(2, *demo, "--run-name", "whole"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert whole.returncode == 0, whole.stderr[-3000:]
-
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PREACTRESNET_DIST_TIMEOUT": "30"}
     at = random.randint(2, 10)  # a random step of epoch 1 (12 steps)
     launcher = subprocess.Popen(_torchrun(2, *demo, "--run-name", "cut"), cwd=ROOT, env=env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -154,28 +251,30 @@ def test_sigterm_under_torchrun_saves_mid_epoch_and_resumes_bit_identically(tmp_
     assert [r["loader"]["batch"] for r in state["ranks"]] == [batch, batch] and state["step"] == batch
     assert not torch.equal(state["ranks"][0]["loader"]["generator"], state["ranks"][1]["loader"]["generator"])
 
-    one = subprocess.run([sys.executable, "train.py", "--resume", str(tmp_path / "ck" / "cut")], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert one.returncode == 2 and one.stderr.count("\n") == 1, one.stderr[-3000:]
-    assert "saved by 2 process(es) and this run has 1" in one.stderr
+    from preactresnet.cli import main_train
 
-    resumed = subprocess.run(_torchrun(2, "--resume", str(tmp_path / "ck" / "cut"), "--no-progress"), cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        main_train(["--resume", str(tmp_path / "ck" / "cut")])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and err.count("\n") == 1 and "saved by 2 process(es) and this run has 1" in err, err
+
+    run_ranks(_fit, 2, ["--resume", str(tmp_path / "ck" / "cut"), "--no-progress"])  # forked ranks, torchrun's path
+    run_ranks(_fit, 2, [*demo, "--run-name", "whole"])
     a = load_file(tmp_path / "ck" / "whole" / "last.safetensors")
     b = load_file(tmp_path / "ck" / "cut" / "last.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a), f"stopped after step {batch}: weights differ from the unbroken run"
 
 
-def _timed_load_worker(rank: int, world: int, port: int, argv: list[str], log: str) -> None:
-    """A worker whose data loading writes when it began and ended (rank 0 takes a second longer)."""
+def _timed_load(rank, argv, log):
+    """A rank whose data loading writes when it began and ended (each node's first rank takes a second longer)."""
     import preactresnet.training as training
 
     real = training.load_dataset
 
     def load(*args, **kwargs):
         began = time.time()
-        if rank == 0:
+        if int(os.environ["LOCAL_RANK"]) == 0:
             time.sleep(1.0)
         data = real(*args, **kwargs)
         with open(log, "a") as f:
@@ -183,13 +282,42 @@ def _timed_load_worker(rank: int, world: int, port: int, argv: list[str], log: s
         return data
 
     training.load_dataset = load
-    _worker(rank, world, port, argv)
+    _build(argv)
 
 
-def test_rank_zero_builds_the_data_before_the_others_read_it(tmp_path):
+def test_each_nodes_first_process_builds_the_data_before_its_neighbours_read_it(tmp_path):
     log = tmp_path / "loads.txt"
-    argv = [*COMMON, "--batch-size", "16", "--checkpoint-dir", str(tmp_path / "ck"), "--log-dir", str(tmp_path / "runs"),
-            "--fig-dir", str(tmp_path / "fig")]
-    mp.spawn(_timed_load_worker, args=(2, _free_port(), argv, str(log)), nprocs=2, join=True)
+    argv = [*COMMON, *outputs(tmp_path), "--batch-size", "16"]
+    run_ranks(_timed_load, 4, argv, str(log), local_ranks=[0, 1, 0, 1])  # two nodes of two processes
     loads = {int(r): (float(b), float(e)) for r, b, e in (line.split() for line in log.read_text().splitlines())}
-    assert loads[1][0] >= loads[0][1], "rank 1 began reading before rank 0 had finished downloading and caching"
+    first_done = max(loads[0][1], loads[2][1])
+    assert loads[1][0] >= first_done and loads[3][0] >= first_done, "a neighbour read before its node's data was built"
+    assert abs(loads[0][0] - loads[2][0]) < 1.0, "the nodes' first processes build at the same time, not in turn"
+
+
+def test_two_nodes_without_a_shared_folder(tmp_path):
+    """Two torchrun launches (node ranks 0 and 1, two processes each) on the loopback address, each in its own
+    folder: each node builds its own data cache, node 0's rank 0 alone writes and reports; the result
+    resumes in one process."""
+    port, env = free_port(), {**os.environ, "OMP_NUM_THREADS": "1", "PREACTRESNET_DIST_TIMEOUT": "30"}
+    args = [a for a in COMMON if a != "--deterministic"] + ["--batch-size", "8", "--run-name", "nodes"]
+    folders = [tmp_path / "node0", tmp_path / "node1"]
+    launches = []
+    for node, folder in enumerate(folders):
+        folder.mkdir()
+        launches.append(subprocess.Popen(_torchrun(2, *args, node=(node, port)), cwd=folder, env=env, text=True,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    done = [p.communicate(timeout=120) for p in launches]
+    for p, (out, err) in zip(launches, done):
+        assert p.returncode == 0, err[-3000:]
+    found = re.search(r"final test accuracy: ([\d.]+)% \((\d+)/(\d+)\)", done[0][0])
+    assert found and int(found[3]) == 2000, "every test image counted once across the 4 ranks"
+    assert "final test accuracy" not in done[1][0] and not (folders[1] / "checkpoints").exists()
+    for folder in folders:
+        assert len(list((folder / "data" / "cache").glob("*.safetensors"))) == 1, f"{folder.name} built no cache of its own"
+    state = load_state(folders[0] / "checkpoints" / "nodes" / "last.state.pt")
+    assert state["world_size"] == 4 and state["step"] == 3
+    cfg, explicit = parse_args(["--resume", str(folders[0] / "checkpoints" / "nodes"), "--no-progress"])
+    from preactresnet.training import Trainer
+
+    assert Trainer.from_config(cfg, explicit, out=lambda *a: None).fit()["final"].total == 2000

@@ -163,7 +163,11 @@ def test_atomic_write_fsyncs_file_and_folder_and_cleans_leftovers(tmp_path, monk
     monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(b))) or real_replace(a, b))
     leftover = fileio.temp_name(tmp_path / "last.safetensors", pid=2**22 + 12345)  # a killed writer's
     leftover.write_bytes(b"half")
+    # On a shared folder another machine's process ids mean nothing here: its temporary may be a live write.
+    other_host = tmp_path / f".last.tmp.another-node-{2**22 + 12345}.safetensors"
+    other_host.write_bytes(b"being written on another node")
     fileio.atomic_write(tmp_path / "last.safetensors", lambda tmp: tmp.write_bytes(b"whole"))
+    assert other_host.exists(), "another machine's temporary was removed"
     kinds = [(kind, os.path.basename(path)) for kind, path in events]
     assert kinds[0][0] == "fsync" and kinds[0][1].startswith(".last.tmp.")  # the data, before the rename
     assert kinds[1] == ("replace", "last.safetensors")

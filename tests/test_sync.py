@@ -180,32 +180,6 @@ def test_inference_model_takes_the_batches_memory_format(tmp_path):
     assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
 
 
-def _ddp_worker(rank, world, port, argv, out):
-    import os
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    from preactresnet.config import parse_args
-    from preactresnet.distributed import cleanup
-    from preactresnet.training import Trainer
-
-    cfg, explicit = parse_args(argv)
-    try:
-        t = Trainer.from_config(cfg, explicit, out=lambda *a: None)
-        if rank == 0:
-            Path(out).write_text(str(t.forward.gradient_as_bucket_view))
-    finally:
-        cleanup()
-
-
-def test_ddp_keeps_gradients_in_its_buckets(tmp_path):
-    import torch.multiprocessing as mp
-    from test_distributed import _free_port
-
-    out = tmp_path / "bucket_view.txt"
-    mp.spawn(_ddp_worker, args=(2, _free_port(), run_args(tmp_path, "--batch-size", "8"), str(out)), nprocs=2, join=True)
-    assert out.read_text() == "True"
-
-
 def test_sync_debug_on_the_cpu_says_what_to_use_instead(tmp_path):
     from preactresnet.config import parse_args
     from preactresnet.training import Trainer

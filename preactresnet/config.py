@@ -168,6 +168,7 @@ class TrainConfig:
 # Settings a resumed run may change: they alter speed or output, never the numbers it computes.
 RESUMABLE_OVERRIDES = {
     "device", "threads", "progress", "log_interval", "resume", "compile", "data_dir", "download", "profile", "sync_debug",
+    "tta",  # the end-of-run figure only: training is the same
 }
 
 

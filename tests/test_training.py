@@ -15,6 +15,7 @@ from preactresnet.training import NonFiniteLoss, Trainer, build_mixup, build_sch
 TINY = [
     "--data-dir", "sample", "--model", "preactresnet18", "--width-mult", "0.125", "--batch-size", "32",
     "--no-progress", "--log-interval", "2", "--warmup-epochs", "0.5", "--amp", "off",
+    "--tta", "none",  # the end-of-run TTA has its own tests (test_recipe, test_reports)
 ]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import optimize, reporting
 from .checkpoint import CheckpointError
-from .config import parse_args
+from .config import TrainConfig, parse_args
 from .data import DataError
 from .distributed import cleanup
 from .fileio import fail
@@ -166,6 +166,8 @@ def optimize_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=256, help="the batch size to time")
     ap.add_argument("--width-mult", type=float, default=None, help="measure a narrower net (default: full, or 0.25 on CPU with --quick)")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    ap.add_argument("--optimizer", default=TrainConfig.optimizer, choices=["adagrad", "sgd", "adamw", "muon"],
+                    help="the optimizer the timed steps use, built as train.py builds it (default: train.py's)")
     ap.add_argument("--quick", action="store_true", help="fewer steps and settings: under a minute")
     ap.add_argument("--profile", default=str(PROFILE_PATH), help="where to write the profile")
     ap.add_argument("--no-priority", action="store_true", help="do not try to raise the process priority")

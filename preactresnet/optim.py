@@ -53,12 +53,36 @@ class MuonNS(Muon):
     fails if timm stops looking the function up where this patches it.
     """
 
+    # GradScaler (fp16) hands this optimizer `grad_scale` and `found_inf` instead of reading found_inf on the
+    # host to decide whether to step (a synchronization per step): the step is taken and undone on the device.
+    _step_supports_amp_scaling = True
+
     def __init__(self, params, ns_dtype: torch.dtype = torch.bfloat16, **kwargs):
         super().__init__(params, **kwargs)
         self.ns_dtype = ns_dtype
 
     @torch.no_grad()
     def step(self, closure=None):
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is None:  # no GradScaler: a plain step
+            return self._step(closure)
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        scale = getattr(self, "grad_scale", None)
+        if scale is not None:  # the gradients are still scaled
+            torch._foreach_div_([p.grad for p in params], scale.to(params[0].grad.dtype) if params else scale)
+        before = {id(t): t.clone() for t in self._tensors(params)}
+        result = self._step(closure)
+        skip = found_inf > 0
+        for t in self._tensors(params):  # state made by this step (the first) goes back to its zeros
+            t.copy_(torch.where(skip, before.get(id(t), torch.zeros_like(t)), t))
+        return result
+
+    def _tensors(self, params) -> list[torch.Tensor]:
+        """The parameters and every floating-point state tensor (momentum, Adam moments) a step changes."""
+        state = [v for p in params for v in self.state.get(p, {}).values() if torch.is_tensor(v) and v.is_floating_point()]
+        return [*params, *state]
+
+    def _step(self, closure=None):
         if self.ns_dtype == torch.bfloat16:  # timm's own default: nothing to change
             return super().step(closure)
         with mock.patch.object(timm_muon, "zeropower_via_newtonschulz", partial(newton_schulz, dtype=self.ns_dtype)):

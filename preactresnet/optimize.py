@@ -23,6 +23,7 @@ from .config import TrainConfig
 from .data.augment import AugmentConfig, BatchAugment
 from .fileio import first_line
 from .models import check_model_name, create_model
+from .optim import build_optimizer
 from .profile import write_profile
 from .system import autocast, cpu_flags, cpu_has_bf16, cpu_name, cuda_has_bf16, resolve_device, tune_malloc
 
@@ -119,16 +120,18 @@ def _settings(device: torch.device, c: dict):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[2], saved[3]
 
 
-def time_setting(model_name: str, width_mult: float, batch: int, device: torch.device, c: dict, warmup: int, steps: int) -> float:
+def time_setting(model_name: str, width_mult: float, batch: int, device: torch.device, c: dict, warmup: int, steps: int,
+                 optimizer: TrainConfig | None = None) -> float:
     """Images per second of whole training steps as train.py runs them (batched augmentation of uint8
-    images on the device, forward, backward, SGD step), warm-up excluded."""
+    images on the device, forward, backward, and the run's optimizer built as train.py builds it: fused on
+    CUDA, Muon with its orthogonalization dtype), warm-up excluded."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c["amp"])
     fmt = torch.channels_last if c["channels_last"] == "on" else torch.contiguous_format
     with _settings(device, c):
         torch.manual_seed(0)
         model = create_model(model_name, width_mult=width_mult).to(device, memory_format=fmt)
         step_model = torch.compile(model) if c["compile"] else model
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        opt = build_optimizer(optimizer or TrainConfig(optimizer="sgd", lr=0.01), model)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=device)
         augment = BatchAugment(AugmentConfig(), (0.49, 0.48, 0.45), (0.25, 0.24, 0.26), dtype or torch.float32, fmt == torch.channels_last)
@@ -163,12 +166,13 @@ def timing_steps(device: torch.device, quick: bool) -> tuple[int, int]:
     return (1, 2) if quick else (3, 10)
 
 
-def measure(model_name: str, batch: int, device: torch.device, quick: bool, width_mult: float = 1.0, out=print) -> list[dict]:
+def measure(model_name: str, batch: int, device: torch.device, quick: bool, width_mult: float = 1.0, out=print,
+            optimizer: TrainConfig | None = None) -> list[dict]:
     warmup, steps = timing_steps(device, quick)
     rows = []
     for c in candidates(device, quick):
         try:
-            ips = time_setting(model_name, width_mult, batch, device, c, warmup, steps)
+            ips = time_setting(model_name, width_mult, batch, device, c, warmup, steps, optimizer)
         except Exception as err:  # a setting this machine cannot run (compile without a compiler, say)
             out(f"  skipped {describe(c)}: {type(err).__name__}: {first_line(err, '')}")
             continue
@@ -248,10 +252,11 @@ def run(args) -> None:
 
     width = args.width_mult if args.width_mult is not None else (0.25 if args.quick and device.type == "cpu" else 1.0)
     batch = min(args.batch_size, 32) if args.quick and device.type == "cpu" else args.batch_size
-    print(f"\ntiming training steps: {model} (width x{width}), batch {batch}, on {device}"
-          + (" [--quick: a narrower net and fewer steps stand in for the full run]" if width != 1.0 or batch != args.batch_size else ""))
-    rows = measure(model, batch, device, args.quick, width)
     ns = muon_ns_dtype(model, width, batch, device)
+    optimizer = TrainConfig(model=model, optimizer=args.optimizer, muon_ns_dtype=ns, device=str(device))
+    print(f"\ntiming training steps: {model} (width x{width}), batch {batch}, {args.optimizer}, on {device}"
+          + (" [--quick: a narrower net and fewer steps stand in for the full run]" if width != 1.0 or batch != args.batch_size else ""))
+    rows = measure(model, batch, device, args.quick, width, optimizer=optimizer)
     profile = write_profile(Path(args.profile), device, model, batch, rows, width, extra={"muon_ns_dtype": ns})
     print("\n| setting | images/s | speed-up vs fp32 NCHW |\n|---|---:|---:|")
     for r in sorted(rows, key=lambda r: -r["images_per_sec"]):

@@ -208,3 +208,45 @@ def test_cuda_device_index_fused_optimizers_and_a_clean_step(tmp_path):
             t._step(x, y)  # a step with any host synchronization raises here
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def _muon_and_scaler(seed=0):
+    from preactresnet.optim import MuonNS
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 4))
+    opt = MuonNS([{"params": [model[0].weight]}, {"params": [model[0].bias, model[2].weight, model[2].bias], "use_fallback": True}],
+                 ns_dtype=torch.float32, lr=0.02, weight_decay=5e-4, momentum=0.9, nesterov=True)
+    return model, opt, torch.amp.GradScaler("cpu", init_scale=1024.0)
+
+
+def _scaled_step(model, opt, scaler, x, poison=False):
+    loss = model(x).square().mean()
+    scaler.scale(loss).backward()
+    if poison:
+        model[0].weight.grad[0, 0, 0, 0] = float("inf")
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+
+
+def test_fp16_scaler_with_muon_reads_nothing_on_the_host(monkeypatch):
+    """GradScaler with Muon (no fused kernel): found_inf stays on the device, the step is undone there when
+    it is set, and a finite step equals the unscaled step of the same optimizer."""
+    x = torch.randn(5, 3, 8, 8)
+    model, opt, scaler = _muon_and_scaler()
+    ref_model, ref_opt, _ = _muon_and_scaler()
+    _scaled_step(model, opt, scaler, x)  # the first step creates the state
+    ref_model(x).square().mean().backward()
+    ref_opt.step()
+    ref_opt.zero_grad(set_to_none=True)
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    saved = [p.clone() for p in model.parameters()]
+    momentum = opt.state[model[0].weight]["momentum_buffer"].clone()
+    # GradScaler's own path for other optimizers reads found_inf on the host (`.item()`) to decide to step
+    monkeypatch.setattr(torch.amp.GradScaler, "_maybe_opt_step", lambda *a, **k: pytest.fail("found_inf read on the host"))
+    _scaled_step(model, opt, scaler, x, poison=True)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), saved)), "a step with an inf gradient moved the weights"
+    assert torch.equal(opt.state[model[0].weight]["momentum_buffer"], momentum)
+    assert scaler.get_scale() == 512.0, "the skipped step halves the scale, as GradScaler always does"

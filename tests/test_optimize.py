@@ -100,3 +100,17 @@ def test_cli_quick_writes_profile(tmp_path, capsys):
     messages = []
     assert Trainer.from_config(cfg, explicit, out=messages.append).cfg.muon_ns_dtype == ns
     assert not any(m.startswith("precision auto") for m in messages), "the profile's measurement is used, not timed again"
+
+
+def test_timed_steps_use_the_runs_optimizer(tmp_path, capsys, monkeypatch):
+    """optimize_system.py --optimizer muon times Muon steps (with the dtype it chose), not SGD's."""
+    import preactresnet.optim as optim
+
+    stepped = []
+    real = optim.MuonNS.step
+    monkeypatch.setattr(optim.MuonNS, "step", lambda self, *a, **k: stepped.append(self.ns_dtype) or real(self, *a, **k))
+    main(["--quick", "--batch-size", "8", "--width-mult", "0.125", "--no-priority", "--optimizer", "muon",
+          "--profile", str(tmp_path / "p.json")])
+    ns = json.loads((tmp_path / "p.json").read_text())["settings"]["muon_ns_dtype"]
+    # (the precision timing before them steps Muon in both dtypes; the candidates' steps come last: 1 + 2 each)
+    assert stepped[-3:] == [optim.NS_DTYPES[ns]] * 3 and ", muon, on cpu" in capsys.readouterr().out

@@ -27,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 # name -> (what the row changes, flags added to the recipe)
+EMA_ROWS = {"+ema"}  # rows whose test_acc is the EMA weights' (the raw model's stays in raw_test_acc)
 ROWS: dict[str, tuple[str, list[str]]] = {
     "recipe": ("the recipe as written", []),
     "spec-default": ("the spec's default recipe: Adagrad lr 0.05, batch 256, mixing, jitter, erasing",
@@ -109,9 +110,11 @@ def run_one(args, row: str, seed: int, workdir: Path) -> dict:
         history = list(csv.DictReader(f))
     tta = [line for line in proc.stdout.splitlines() if line.startswith("with flip TTA")]
     last = history[-1]
+    scored = "ema_test_acc" if row in EMA_ROWS else "test_acc"  # the row that adds an EMA is scored by the EMA
     return {
         "row": row, "seed": seed, "config": args.config, "data_dir": args.data_dir, "extra": args.extra,
-        "flags": ROWS[row][1], "epochs": len(history), "test_acc": float(last["test_acc"]),
+        "flags": ROWS[row][1], "epochs": len(history), "test_acc": float(last[scored]), "scored": scored,
+        "raw_test_acc": float(last["test_acc"]),
         "ema_test_acc": float(last["ema_test_acc"]) if last.get("ema_test_acc") else None,
         "tta_acc": float(tta[0].split()[3].rstrip("%")) if tta else None,
         "by_epoch": [float(r["test_acc"]) for r in history],

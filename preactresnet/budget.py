@@ -1,9 +1,12 @@
 """--time-budget: the longest schedule that fits a wall-clock budget on this machine.
 
-A throwaway trainer times a few real training steps (warm-up excluded) and one end-of-epoch
-evaluation; from those the number of steps that fit is chosen, written into the config (epochs and
-total_steps), and the real run starts from scratch with it. The calibration steps are therefore
-discarded, and a run given the same epochs and total_steps explicitly computes the same numbers.
+The budget covers the training steps and the evaluation after each epoch: not the start-up before them
+(imports, data, model, precision timing, this calibration) nor what follows the last epoch (TTA, figures,
+report). A throwaway trainer times a few real training steps (WARMUP_STEPS untimed first, then at least
+MIN_TIMED_STEPS and MIN_TIMED_SECONDS) and one end-of-epoch evaluation (test split, and validation and
+EMA where the run has them); from those the number of steps that fit is chosen, written into the config
+(epochs and total_steps), and the real run starts from scratch with it. The calibration steps are
+therefore discarded, and a run given the same epochs and total_steps explicitly computes the same numbers.
 A resumed run keeps its saved choice and is never calibrated again.
 """
 

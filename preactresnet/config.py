@@ -23,6 +23,7 @@ from .system import resolve_device
 OPTIMIZERS = ("adagrad", "sgd", "adamw", "muon")
 SCHEDULES = ("cosine", "linear")
 TTA_CHOICES = ("none", "flip", "flip-translate")
+AMP_CHOICES = ("auto", "bf16", "fp16", "off", "fp32", "none", "no", "false")  # what system.resolve_amp accepts
 
 
 def setting(default, group: str, help: str):
@@ -139,6 +140,9 @@ class TrainConfig:
             (self.schedule in SCHEDULES, f"unknown --schedule '{self.schedule}'; choose one of: {', '.join(SCHEDULES)}"),
             (self.tta in TTA_CHOICES, f"unknown --tta '{self.tta}'; choose one of: {', '.join(TTA_CHOICES)}"),
             (self.total_steps >= 0, f"--total-steps must be >= 0, got {self.total_steps}"),
+            (self.log_interval >= 1, f"--log-interval must be >= 1 (steps between loss lines), got {self.log_interval}"),
+            (self.threads >= 0, f"--threads must be >= 0 (0: PyTorch's default), got {self.threads}"),
+            (str(self.amp).lower() in AMP_CHOICES, f"unknown --amp '{self.amp}'; use auto, bf16, fp16 or off"),
             (self.bn_lr_scale > 0, f"--bn-lr-scale must be > 0, got {self.bn_lr_scale}"),
             (self.muon_ns_dtype in ("auto", "bf16", "fp32"), f"--muon-ns-dtype must be auto, bf16 or fp32, got '{self.muon_ns_dtype}'"),
             (self.channels_last in ("auto", "on", "off"), f"--channels-last must be auto, on or off, got '{self.channels_last}'"),
@@ -243,6 +247,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, dict]:
     if {"epochs", "total_steps"} & set(args) and "time_budget" not in args:
         explicit.pop("time_budget", None)  # a flag's epoch count wins over a recipe's budget
     explicit.update(args)
+    if explicit.get("time_budget") and explicit.get("total_steps"):  # a recipe's total_steps under a budget
+        raise ValueError(f"time_budget and total_steps both set the run's length (from {config_path or 'flags'}); "
+                         "keep one: --total-steps 0 lets the budget choose")
     cfg = from_dict(explicit, where=config_path or "flags")
     return cfg, explicit
 
@@ -286,7 +293,7 @@ def _resumed_config(cfg: TrainConfig, explicit: dict) -> tuple[TrainConfig, dict
             setattr(saved, key, value)
         elif value != getattr(saved, key):
             raise ValueError(
-                f"--{key.replace('_', '-')} {value} differs from {getattr(saved, key)} in the run being resumed "
+                f"--{key.replace('_', '-')} {value!r} differs from {getattr(saved, key)!r} in the run being resumed "
                 f"({run_dir}); drop the flag, or start a new run without --resume"
             )
     saved = dataclasses.replace(saved, resume=cfg.resume, run_name=run_dir.name, checkpoint_dir=str(run_dir.parent))
@@ -324,7 +331,11 @@ def _with_profile(cfg: TrainConfig, explicit: dict, warn) -> tuple[TrainConfig, 
     applied = {k: v for k, v in profile["settings"].items() if k not in explicit}
     if cfg.deterministic:
         applied.pop("compile", None)  # --deterministic always wins over the profile
-    return dataclasses.replace(cfg, **applied), {**profile, "applied": applied}
+    try:  # a profile is a file anyone can edit: its values pass the same checks as flags
+        profiled = from_dict({**cfg.to_dict(), **applied}, where=profile["path"]).validated()
+    except ValueError as err:
+        raise ValueError(f"system profile {profile['path']}: {err}; rerun python optimize_system.py or pass --profile off") from None
+    return profiled, {**profile, "applied": applied}
 
 
 __all__ = [

@@ -126,6 +126,16 @@ def tune_malloc() -> bool:
         return False
 
 
+def process_age() -> float | None:
+    """Seconds since this process started (read from /proc on Linux; None where there is none)."""
+    try:
+        after_name = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
+        uptime = float(open("/proc/uptime").read().split()[0])
+        return uptime - int(after_name[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime, in clock ticks
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import itertools
 import math
+import os
 import signal
 import sys
 import time
@@ -41,6 +42,7 @@ from .system import (
     PRECISION_NAMES,
     apply_process_settings,
     autocast,
+    process_age,
     resolve_amp,
     resolve_device,
     rng_state,
@@ -55,6 +57,16 @@ __all__ = [
     "EpochEval", "NonFiniteLoss", "NullWriter", "RunDirs", "StepStats", "StopFlag", "Stopped", "Trainer", "build_mixup",
     "build_optimizer", "build_scheduler", "train",
 ]
+
+
+def resume_command(dist: DistInfo, argv0: str | None = None) -> str:
+    """How this run was launched, for the resume hint: python train.py, a console script, or torchrun."""
+    argv0 = argv0 if argv0 is not None else (sys.argv[0] if sys.argv and sys.argv[0] else "train.py")
+    name = Path(argv0).name
+    if dist.enabled:
+        per_node = os.environ.get("LOCAL_WORLD_SIZE", str(dist.world_size))
+        return f"torchrun --nproc_per_node={per_node} (and this run's other torchrun options) {name}"
+    return f"python {name}" if name.endswith(".py") else name
 
 
 class NonFiniteLoss(Exception):
@@ -97,6 +109,16 @@ class EpochEval:
     val: EvalResult | None = None
     ema_test: EvalResult | None = None
     ema_val: EvalResult | None = None
+
+
+def check_total_steps(total: int, epochs: int, steps_per_epoch: int) -> None:
+    """--total-steps must end inside the last epoch: more would stop early with the schedule sized for them
+    all, fewer would leave whole epochs without a step."""
+    low, high = (epochs - 1) * steps_per_epoch + 1, epochs * steps_per_epoch
+    if total and not low <= total <= high:
+        fit = math.ceil(total / steps_per_epoch)
+        raise ValueError(f"--total-steps {total} does not end in the last of --epochs {epochs} ({steps_per_epoch} steps each "
+                         f"here): give --total-steps from {low} to {high}, or --epochs {fit} for {total} steps")
 
 
 def use_channels_last(cfg: TrainConfig) -> bool:
@@ -259,6 +281,7 @@ class Trainer:
         if cfg.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
         self.total_steps = cfg.total_steps or cfg.epochs * self.steps_per_epoch
+        check_total_steps(cfg.total_steps, cfg.epochs, self.steps_per_epoch)
 
     def _build_model(self, fresh: bool) -> None:
         """The network (pretrained or whitened start on a fresh run), on its device, wrapped for DDP/compile."""
@@ -424,7 +447,8 @@ class Trainer:
         if self._agree_stop():  # a signal that came during the last evaluation or checkpoint
             self._save_and_stop(epoch)
         self.mixup.mixup_enabled = self.cfg.mixing and epoch < self.cfg.epochs - self.cfg.mix_off_epochs
-        epoch_start = time.perf_counter()
+        # a resumed epoch began before the stop: its steps then count toward elapsed_seconds too
+        epoch_start = time.perf_counter() - (self.carried.seconds if self.carried is not None else 0.0)
         steps = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)  # the last may be partial
         stats = self.train_steps(steps - self.train_loader.batch, epoch)
         if self.carried is not None:
@@ -546,7 +570,7 @@ class Trainer:
         self._write_curves()
         self.writer.close()
         message = (f"stopped: saved {self.dirs.checkpoints}/last.state.pt at step {self.step}; continue with "
-                   f"python train.py --resume {self.dirs.checkpoints}")
+                   f"{resume_command(self.dist)} --resume {self.dirs.checkpoints}")
         self.out(message)
         raise Stopped(message, self.stop.exit_code)
 
@@ -659,6 +683,9 @@ class Trainer:
         if self.dist.enabled:
             self.out(f"distributed: {self.dist.world_size} processes, global batch {cfg.batch_size * self.dist.world_size}, "
                      f"lr {cfg.lr * self.lr_scale:g}")
+        age = process_age()
+        if age is not None:
+            self.out(f"start-up: {age:.1f}s since the process began (imports, data, model, precision timing, budget calibration)")
 
     def _open_outputs(self) -> None:
         """Rank 0 writes the config, a grid of augmented images and the TensorBoard log."""

@@ -129,7 +129,7 @@ def _resolved(rank, argv, profile_dir):
     import preactresnet.config as config
     from preactresnet.distributed import init_distributed
 
-    config.load_profile = lambda *a, **k: {"path": f"{profile_dir}/rank{rank}.json", "settings": {"channels_last": rank == 1,
+    config.load_profile = lambda *a, **k: {"path": f"{profile_dir}/rank{rank}.json", "settings": {"channels_last": "on" if rank else "off",
                                                                                                   "batch_size": 16 * (rank + 1)}}
     cfg, explicit = parse_args(argv)
     run = config.resolve_config(cfg, explicit, init_distributed(cfg.device), warn=lambda *a: None)

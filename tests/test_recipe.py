@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -173,10 +174,12 @@ def test_recipe_ablation_writes_rows_and_a_table(tmp_path, capsys, monkeypatch):
     spec.loader.exec_module(recipe)
     monkeypatch.chdir(ROOT)
     out = tmp_path / "r.jsonl"
-    recipe.main(["--config", str(ROOT / "configs" / "demo.yaml"), "--seeds", "0", "--rows", "recipe,-whiten", "--out",
+    recipe.main(["--config", str(ROOT / "configs" / "demo.yaml"), "--seeds", "0", "--rows", "recipe,+ema", "--out",
                  str(out), "--workdir", str(tmp_path / "w"), "--extra", "--epochs", "1", "--max-steps-per-epoch", "2",
                  "--amp", "off", "--muon-ns-dtype", "fp32", "--tta", "none"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["row"] for r in rows] == ["recipe", "-whiten"] and all(0 <= r["test_acc"] <= 100 for r in rows)
+    assert [r["row"] for r in rows] == ["recipe", "+ema"] and all(0 <= r["test_acc"] <= 100 for r in rows)
+    ema = list(csv.DictReader(open(tmp_path / "w" / "runs" / "+ema-s0" / "metrics.csv")))[-1]
+    assert rows[1]["test_acc"] == float(ema["ema_test_acc"]), "the +ema row is scored by the EMA's accuracy"
     printed = capsys.readouterr().out
-    assert "| recipe |" in printed and "| -whiten |" in printed
+    assert "| recipe |" in printed and "| +ema |" in printed

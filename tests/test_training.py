@@ -228,7 +228,7 @@ def test_resume_with_another_model_fails(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main_train(run_args(tmp_path, "--resume", "r18", "--model", "resnext29_32x4d"))
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: --model resnext29_32x4d differs from preactresnet18") and "\n" not in err
+    assert err.startswith("error: --model 'resnext29_32x4d' differs from 'preactresnet18'") and "\n" not in err
 
 
 def test_config_yaml_then_flags(tmp_path):

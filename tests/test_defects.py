@@ -89,3 +89,25 @@ def test_start_up_time_is_reported_and_a_resume_that_changes_an_empty_setting_sa
     assert any(line.startswith("start-up: ") and "s since the process began" in line for line in said), said
     err = _one_line_error(capsys, run_args(tmp_path, "--resume", "r", "--pretrained", "some/folder"))
     assert "--pretrained 'some/folder' differs from '' in the run being resumed" in err, err
+
+
+def test_a_state_saved_by_c6701cf_still_resumes(tmp_path, monkeypatch):
+    """tests/fixtures/c6701cf/: a run stopped mid-epoch 2 by commit c6701cf's code (tests/fixtures/make_c6701cf.py)."""
+    import shutil
+    from pathlib import Path
+
+    from preactresnet.checkpoint import load_state
+    from preactresnet.config import parse_args
+
+    run = tmp_path / "ck" / "c6701cf"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "c6701cf", run)
+    monkeypatch.chdir(tmp_path)
+    cfg, explicit = parse_args(["--resume", "ck/c6701cf", "--no-progress"])
+    t = training.Trainer.from_config(cfg, explicit, out=lambda *a: None)
+    assert (t.step, t.start_epoch, t.train_loader.batch) == (6, 1, 2), "resumed where c6701cf stopped"
+    assert t.cfg.optimizer == "sgd" and t.cfg.width_mult == 0.0625 and t.cfg.muon_ns_dtype == "bf16"
+    result = t.fit()
+    state = load_state(run / "last.state.pt")
+    assert (state["step"], state["epoch"]) == (8, 2) and result["final"].total == 2000
+    rows = list(csv.DictReader(open(tmp_path / "runs" / "c6701cf" / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"], "the saved history goes on"

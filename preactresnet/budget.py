@@ -14,38 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import time
 from dataclasses import dataclass
 
-from typing import TYPE_CHECKING
-
 import torch
 
+from .config import ResolvedConfig, parse_duration  # noqa: F401 - parse_duration: also importable from here
 from .distributed import DistInfo, all_reduce_max
 
-if TYPE_CHECKING:  # config.py imports parse_duration from here
-    from .config import ResolvedConfig
-
-_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
 WARMUP_STEPS = 3  # first-touch allocations, kernel selection, torch.compile: never timed
 MIN_TIMED_STEPS, MIN_TIMED_SECONDS = 5, 3.0  # timed until both are reached, for a stable images/s
-
-
-def parse_duration(text: str) -> float:
-    """'90s', '10m', '2h', '1h30m', '1.5h' or a bare number of seconds -> seconds (> 0)."""
-    value = str(text).strip().lower()
-    match = _DURATION.fullmatch(value)
-    if re.fullmatch(r"\d+(?:\.\d+)?", value):
-        seconds = float(value)
-    elif value and match:
-        h, m, s = (float(g) if g else 0.0 for g in match.groups())
-        seconds = 3600 * h + 60 * m + s
-    else:
-        raise ValueError(f"--time-budget '{text}' is not a duration; use e.g. 90s, 10m, 2h or 1h30m")
-    if seconds <= 0:
-        raise ValueError(f"--time-budget must be longer than 0 s, got '{text}'")
-    return seconds
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -11,7 +12,6 @@ from pathlib import Path
 
 import yaml
 
-from .budget import parse_duration
 from .checkpoint import find_run, load_state, rank_state
 from .data.augment import AugmentConfig
 from .distributed import DistInfo, broadcast_object
@@ -35,6 +35,25 @@ M, D, A, X, O, S, P, R, Q = (
     "model", "data", "augmentation", "mixing and loss", "optimization", "schedule", "precision and speed",
     "output", "resume and reproducibility",
 )
+
+
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '10m', '2h', '1h30m', '1.5h' or a bare number of seconds -> seconds (> 0)."""
+    value = str(text).strip().lower()
+    match = _DURATION.fullmatch(value)
+    if re.fullmatch(r"\d+(?:\.\d+)?", value):
+        seconds = float(value)
+    elif value and match:
+        h, m, s = (float(g) if g else 0.0 for g in match.groups())
+        seconds = 3600 * h + 60 * m + s
+    else:
+        raise ValueError(f"--time-budget '{text}' is not a duration; use e.g. 90s, 10m, 2h or 1h30m")
+    if seconds <= 0:
+        raise ValueError(f"--time-budget must be longer than 0 s, got '{text}'")
+    return seconds
 
 
 @dataclass

@@ -2,25 +2,25 @@
 
 The budget covers the training steps and the evaluation after each epoch: not the start-up before them
 (imports, data, model, precision timing, this calibration) nor what follows the last epoch (TTA, figures,
-report). A throwaway trainer times a few real training steps (WARMUP_STEPS untimed first, then at least
+report). The run's own trainer times a few real training steps (WARMUP_STEPS untimed first, then at least
 MIN_TIMED_STEPS and MIN_TIMED_SECONDS) and one end-of-epoch evaluation (test split, and validation and
 EMA where the run has them); from those the number of steps that fit is chosen, written into the config
-(epochs and total_steps), and the real run starts from scratch with it. The calibration steps are
+(epochs and total_steps), and the trainer starts over from the state it was built in (weights, data
+position, random streams; a fresh optimizer, schedule and EMA). The calibration steps are
 therefore discarded, and a run given the same epochs and total_steps explicitly computes the same numbers.
 A resumed run keeps its saved choice and is never calibrated again.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
 
 import torch
 
-from .config import ResolvedConfig, parse_duration  # noqa: F401 - parse_duration: also importable from here
-from .distributed import DistInfo, all_reduce_max
+from .config import parse_duration
+from .distributed import all_reduce_max
 
 WARMUP_STEPS = 3  # first-touch allocations, kernel selection, torch.compile: never timed
 MIN_TIMED_STEPS, MIN_TIMED_SECONDS = 5, 3.0  # timed until both are reached, for a stable images/s
@@ -86,7 +86,7 @@ def plan(budget_seconds: float, steps_per_epoch: int, cal: Calibration) -> Budge
 
 
 def calibrate(trainer) -> Calibration:
-    """Time real steps (after WARMUP_STEPS untimed ones) and one evaluation on a throwaway trainer.
+    """Time real steps (after WARMUP_STEPS untimed ones) and one evaluation on the run's trainer.
     Under torchrun every rank steps (DDP's collectives need them all) and the slowest rank's times count,
     so every rank takes the same number of steps."""
     trainer.train_loader.set_epoch(0)
@@ -105,19 +105,18 @@ def calibrate(trainer) -> Calibration:
     return Calibration(seconds / steps, eval_seconds, trainer.cfg.batch_size)
 
 
-def fit_to_budget(trainer, run: ResolvedConfig, dist: DistInfo, out=print) -> tuple[ResolvedConfig, BudgetPlan]:
-    """Calibrate on `trainer` (then discarded) on every rank and return the finished config."""
-    budget = parse_duration(run.cfg.time_budget)
-    choice = plan(budget, trainer.steps_per_epoch, calibrate(trainer))  # the same figures on every rank: one plan
-    cfg = dataclasses.replace(run.cfg, epochs=choice.epochs, total_steps=choice.total_steps)
+def fit_to_budget(trainer, out=print) -> BudgetPlan:
+    """Calibrate on `trainer` (every rank takes part) and return the plan; the trainer then starts over."""
+    cfg = trainer.cfg
+    choice = plan(parse_duration(cfg.time_budget), trainer.steps_per_epoch, calibrate(trainer))  # the same on every rank
     finish = time.strftime("%H:%M:%S", time.localtime(time.time() + choice.expected_seconds))
     if choice.total_steps < choice.steps_per_epoch:
-        out(f"time budget {run.cfg.time_budget} is shorter than one epoch here: training {choice.total_steps} of its "
+        out(f"time budget {cfg.time_budget} is shorter than one epoch here: training {choice.total_steps} of its "
             f"{choice.steps_per_epoch} steps, then one evaluation")
     out(
-        f"time budget {run.cfg.time_budget}: {choice.calibration.images_per_sec:.0f} images/s and "
+        f"time budget {cfg.time_budget}: {choice.calibration.images_per_sec:.0f} images/s and "
         f"{choice.calibration.eval_seconds:.1f}s per evaluation measured, so {choice.total_steps} steps "
         f"({choice.total_steps / choice.steps_per_epoch:.2f} epochs) with warmup and schedule fitted to them; "
         f"expected to finish training at {finish} (the calibration steps are discarded)"
     )
-    return dataclasses.replace(run, cfg=cfg, budget=choice.as_record()), choice
+    return choice

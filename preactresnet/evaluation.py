@@ -26,6 +26,21 @@ class EvalResult:
         return "\n".join(rows)
 
 
+def batch_confusion(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The k x k confusion counts of a batch (rows: true class, columns: predicted), float64 on the device.
+
+    The one place accuracy is counted (evaluation, TTA, test.py): one-hot(true)^T @ one-hot(predicted) is
+    exact and reads nothing back (bincount's output size depends on the data; F.one_hot checks its range)."""
+    classes = torch.arange(num_classes, device=labels.device)
+    truth, predicted = (labels[:, None] == classes).float(), (scores.argmax(dim=1)[:, None] == classes).float()
+    return (truth.T @ predicted).double()
+
+
+def accuracy_of(confusion: torch.Tensor) -> float:
+    """Percent of images on the diagonal of summed confusion counts."""
+    return 100.0 * float(confusion.diag().sum()) / max(float(confusion.sum()), 1.0)
+
+
 def confusion_counts(confusion: torch.Tensor) -> tuple[int, int, list[float]]:
     correct = int(confusion.diag().sum())
     total = int(confusion.sum())
@@ -46,14 +61,12 @@ def evaluate(model: nn.Module, loader, num_classes: int, amp_dtype: torch.dtype 
     model.eval()
     device, k = loader.device, num_classes
     totals = torch.zeros(1 + k * k, dtype=torch.float64, device=device)  # [loss sum, confusion counts], exact below 2**53
-    classes = torch.arange(k, device=device)  # F.one_hot would check its input's range: a sync
     for x, y in loader:
         with autocast(device, amp_dtype):
             logits = model(x)
         logits = logits.float()
         totals[:1] += F.cross_entropy(logits, y, reduction="sum").double()
-        truth, predicted = (y[:, None] == classes).float(), (logits.argmax(dim=1)[:, None] == classes).float()
-        totals[1:] += (truth.T @ predicted).view(-1).double()
+        totals[1:] += batch_confusion(logits, y, k).view(-1)
     if reduce is not None:
         reduce(totals)
     model.train(was_training)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, check_metadata, load_weights
 from .data.augment import constant
-from .evaluation import EvalResult, confusion_counts
+from .evaluation import EvalResult, accuracy_of, batch_confusion, confusion_counts
 from .fileio import first_line
 from .models import create_model
 from .system import autocast
@@ -120,9 +120,17 @@ def predict_probs(model: nn.Module, loader, tta: str = "none", amp_dtype=None) -
     return torch.cat(probs), torch.cat(labels)
 
 
+def tta_accuracy(model: nn.Module, loader, mode: str, num_classes: int, amp_dtype=None, reduce=None) -> float:
+    """Test accuracy of `model` averaged over the `mode` TTA views; `reduce` sums the counts over ranks."""
+    probs, labels = predict_probs(model, loader, mode, amp_dtype)
+    confusion = batch_confusion(probs.to(loader.device), labels.to(loader.device), num_classes)
+    if reduce is not None:
+        reduce(confusion)
+    return accuracy_of(confusion)
+
+
 def metrics_from_probs(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> EvalResult:
-    pred = probs.argmax(dim=1)
-    confusion = torch.bincount(labels * num_classes + pred, minlength=num_classes**2).view(num_classes, num_classes)
+    confusion = batch_confusion(probs, labels, num_classes).round().long()
     correct, total, per_class = confusion_counts(confusion)
     loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
     return EvalResult(loss, 100.0 * correct / max(total, 1), correct, total, per_class, confusion)

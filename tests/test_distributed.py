@@ -38,7 +38,7 @@ def outputs(tmp_path: Path) -> list[str]:
 def _batch_free_model():
     """BatchNorm -> GroupNorm(1, C): normalization per image, so B + B images on two processes
     compute exactly what 2B images compute on one (BatchNorm's batch statistics would not)."""
-    import preactresnet.training as training
+    import preactresnet.training.parts as training
     from preactresnet.models import create_model
 
     def build(name, **kwargs):
@@ -268,7 +268,7 @@ def test_sigterm_under_torchrun_saves_mid_epoch_and_resumes_bit_identically(tmp_
 
 def _timed_load(rank, argv, log):
     """A rank whose data loading writes when it began and ended (each node's first rank takes a second longer)."""
-    import preactresnet.training as training
+    import preactresnet.training.parts as training
 
     real = training.load_dataset
 

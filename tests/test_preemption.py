@@ -189,9 +189,11 @@ def test_leftover_temporaries_are_never_listed_as_checkpoints(tmp_path):
 
 def test_state_then_last_then_best(tmp_path, monkeypatch):
     written = []
+    import preactresnet.training.state as state  # where the save rules live
+
     for name in ("save_state", "save_weights"):
-        real = getattr(training, name)
-        monkeypatch.setattr(training, name, lambda path, *a, _real=real, **k: written.append(path.name) or _real(path, *a, **k))
+        real = getattr(state, name)
+        monkeypatch.setattr(state, name, lambda path, *a, _real=real, **k: written.append(path.name) or _real(path, *a, **k))
     trainer(tmp_path, "--epochs", "1", "--max-steps-per-epoch", "2", "--ema").fit()
     assert written == ["last.state.pt", "last.safetensors", "ema.safetensors", "best.safetensors"]
 

@@ -1,0 +1,21 @@
+"""Training: one run of the spec's recipe, with exact resume, atomic checkpoints, TensorBoard, CSV and curves.
+
+    loop.py      Trainer: from_config resolves the run once, fit -> run_epoch -> train_steps -> _step
+    parts.py     building the parts in a fixed order: process, data, model, optimization
+    state.py     the training state (each object through its own state_dict), resume, the save rules
+    runlog.py    console, metrics.csv, TensorBoard, figures, the final report (rank 0 only)
+    stopping.py  signals, what a stop raises, the resume hint
+
+`train(cfg)` and `Trainer.from_config(cfg).fit()` are the public entry points.
+"""
+
+from ..optim import build_mixup, build_optimizer, build_scheduler
+from .loop import Trainer, train
+from .parts import RunDirs, check_total_steps, use_channels_last
+from .runlog import EpochEval, NullWriter, StepStats
+from .stopping import NonFiniteLoss, StopFlag, Stopped, resume_command
+
+__all__ = [
+    "EpochEval", "NonFiniteLoss", "NullWriter", "RunDirs", "StepStats", "StopFlag", "Stopped", "Trainer", "build_mixup",
+    "build_optimizer", "build_scheduler", "check_total_steps", "resume_command", "train", "use_channels_last",
+]

@@ -1,0 +1,229 @@
+"""The training loop: build the parts, then epochs of steps, each followed by evaluate, log, checkpoint.
+
+Read top to bottom: `Trainer.from_config` resolves the run once (config.resolve_config, precision, the
+time budget), `fit` runs the epochs, `train_steps` the steps, `_step` one optimizer step. Building
+(parts.py), saving (state.py), logging (runlog.py) and stopping (stopping.py) live beside it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import torch
+import torch.nn as nn
+from timm.data.mixup import mixup_target
+from tqdm.auto import tqdm
+
+from ..config import ResolvedConfig, TrainConfig, resolve_config
+from ..distributed import Agreement, DistInfo, broadcast_buffers, init_distributed
+from ..evaluation import EvalResult, evaluate
+from ..precision import resolve_precision
+from ..system import autocast
+from .parts import Parts, RunDirs, use_channels_last
+from .runlog import EpochEval, NullWriter, RunLog, StepStats, _silent
+from .state import State
+from .stopping import StopFlag, check_finite
+
+
+class Trainer(Parts, State, RunLog):
+    """Everything one run needs, built from a finished config; `fit()` trains it."""
+
+    def __init__(self, run: ResolvedConfig, dist: DistInfo | None = None, out=print, command: str = ""):
+        self.cfg, self.command = run.cfg, command
+        self.dist = dist or DistInfo()
+        self.out = out if self.dist.is_main else _silent
+        self._setup_process(run.profile, (run.state or {}).get("process"))
+        self.dirs = RunDirs.of(self.cfg)
+        self._build_data()
+        self._build_model(fresh=run.state is None)
+        self._build_optimization()
+        self.meta = self._weights_meta()
+        self.budget = run.budget  # --time-budget's calibration and choice, logged with every epoch
+        self.precision_line = (run.precision or {}).get("line")  # why --amp/--muon-ns-dtype auto chose what it did
+        self.writer, self.stop = NullWriter(), StopFlag()
+        self.agreement = Agreement(self.dist)  # when the ranks compare their stop flags
+        self.start_epoch, self.step, self.history = 0, 0, []
+        self.best_metric, self.best_epoch = -1.0, -1
+        self.resumed_mid_epoch = False
+        self.carried: StepStats | None = None  # the current epoch's steps before a mid-epoch resume
+        if run.state is not None:
+            self._load_state(run.state, run.run_dir)
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, explicit: dict | None = None, out=print, command: str = "") -> Trainer:
+        """Start the process group (under torchrun), resolve the config once, build the trainer."""
+        dist = init_distributed(cfg.device)
+        run = resolve_config(cfg, explicit or {}, dist, warn=out if dist.is_main else _silent)
+        num_classes = 100 if run.cfg.dataset == "cifar100" else 10
+        run = resolve_precision(run, dist, num_classes, use_channels_last(run.cfg))
+        trainer = cls(run, dist, out=out, command=command)
+        if run.cfg.time_budget and not run.cfg.total_steps and run.state is None:
+            trainer.fit_budget()  # times steps on itself, then starts over with the epochs that fit
+        return trainer
+
+    @property
+    def _bars(self) -> bool | None:
+        """tqdm's `disable`: None draws bars on a terminal only, never into a log file."""
+        return None if self.cfg.progress and self.dist.is_main else True
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        self._announce()
+        self._open_outputs()
+        epochs = tqdm(range(self.start_epoch, cfg.epochs), desc="epochs", disable=self._bars, initial=self.start_epoch, total=cfg.epochs)
+        final: EvalResult | None = None
+        self._sync_debug()
+        try:
+            with self.stop:
+                for epoch in epochs:
+                    final = self.run_epoch(epoch)
+                    epochs.set_postfix(test_acc=f"{final.accuracy:.2f}")
+        finally:
+            if self.cfg.sync_debug and self.device.type == "cuda":
+                torch.cuda.set_sync_debug_mode(0)  # the process may go on (a notebook, the tests): no warnings left on
+        self.writer.close()
+        self._write_curves()
+        if final is None:  # resumed a finished run
+            final = evaluate(self.model, self.test_loader, self.data.num_classes, self.amp_dtype, self.reduce)
+        return self._report(final)
+
+    def run_epoch(self, epoch: int) -> EvalResult:
+        """Train what is left of `epoch`, then evaluate, log and checkpoint; returns the test result."""
+        if not self.resumed_mid_epoch:
+            self.train_loader.set_epoch(epoch)
+        self.resumed_mid_epoch = False
+        if self._agree_stop():  # a signal that came during the last evaluation or checkpoint
+            self._save_and_stop(epoch)
+        self.mixup.mixup_enabled = self.cfg.mixing and epoch < self.cfg.epochs - self.cfg.mix_off_epochs
+        # a resumed epoch began before the stop: its steps then count toward elapsed_seconds too
+        epoch_start = time.perf_counter() - (self.carried.seconds if self.carried is not None else 0.0)
+        steps = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)  # the last may be partial
+        stats = self.train_steps(steps - self.train_loader.batch, epoch)
+        if self.carried is not None:
+            stats, self.carried = self.carried + stats, None
+        if self.stop.stop:
+            self.carried = stats
+            self._save_and_stop(epoch)
+        eval_start = time.perf_counter()
+        results = self.evaluate_epoch()
+        row = self.log_epoch(epoch, stats, results, epoch_start, eval_seconds=time.perf_counter() - eval_start)
+        self.checkpoint_epoch(epoch, results)
+        self._print_epoch(epoch, row, results)
+        return results.test
+
+    def train_steps(self, n: int, epoch: int = 0) -> StepStats:
+        """Up to `n` optimizer steps from the loader's current position (fewer if a stop is agreed).
+
+        Host synchronizations: one per --log-interval steps (the logged loss, and under torchrun the stop
+        flags) and one at the end. Between them torchrun's ranks compare stop flags about once a second
+        (host values through gloo, no GPU synchronization), so every rank stops at the same step, soon.
+        """
+        self.model.train()
+        bar = tqdm(total=n, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False, disable=self._bars)
+        loss_sum = torch.zeros((), device=self.device)
+        window = torch.zeros((), device=self.device)
+        count, in_window = 0, 0
+        start = time.perf_counter()
+        for x, y in itertools.islice(self.train_loader, n):
+            loss = self._step(x, y)
+            loss_sum += loss
+            window += loss
+            count, in_window = count + 1, in_window + 1
+            bar.update(1)
+            if self.step % self.cfg.log_interval == 0:
+                if self._log_window(window / in_window, epoch, bar):
+                    break
+                window.zero_()
+                in_window = 0
+            elif self.agreement.poll(self.stop.stop):  # at once alone; under torchrun within about a second
+                self.stop.stop = True
+                break
+        steps_here = torch.full((), float(count), device=self.device)
+        loss_total, steps_total, stop = self._over_ranks(loss_sum, steps_here, self._stop_flag())
+        self.stop.stop = stop > 0  # under torchrun: any rank's, so every rank leaves the epoch alike
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        bar.close()
+        mean_loss = loss_total / max(steps_total, 1)
+        check_finite(self, mean_loss, epoch)
+        return StepStats(mean_loss, seconds, count * self.cfg.batch_size * self.dist.world_size, count)
+
+    def _over_ranks(self, *values: torch.Tensor) -> list[float]:
+        """Scalars summed over all ranks in one all-reduce (under torchrun), read back in one synchronization."""
+        summed = torch.stack([v.float() for v in values])
+        if self.reduce is not None:
+            self.reduce(summed)
+        return summed.tolist()
+
+    def _stop_flag(self) -> torch.Tensor:
+        return torch.full((), float(self.stop.stop), device=self.device)
+
+    def _agree_stop(self) -> bool:
+        """Whether any rank was asked to stop (under torchrun an all-reduce, so all ranks agree)."""
+        if self.dist.enabled:
+            self.stop.stop = self._over_ranks(self._stop_flag())[0] > 0
+        return self.stop.stop
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on a batch; returns the (detached) loss without synchronizing."""
+        if self.mixup.mixup_enabled:
+            x, target = self.mixup(x, y)
+        else:  # the same smoothed targets, built directly: no even batch needed
+            target = mixup_target(y, self.data.num_classes, smoothing=self.cfg.label_smoothing)
+        with autocast(self.device, self.amp_dtype):
+            logits = self.forward(x)
+        loss = self.criterion(logits.float(), target)
+        # Under DDP the gradients are views into its all-reduce buckets: zeroed in place, never dropped.
+        self.optimizer.zero_grad(set_to_none=not self.dist.enabled)
+        self.scaler.scale(loss).backward()
+        if self.cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        self.scheduler.step_update(num_updates=self.step)
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.step)
+        return loss.detach()
+
+    def _log_window(self, mean: torch.Tensor, epoch: int, bar) -> bool:
+        """Log the mean loss since the last log (over all ranks); returns whether to stop now.
+
+        Under torchrun the loss and the stop flag travel in one all-reduce: every rank sees the same
+        non-finite loss and the same decision, so no rank waits in a collective for one that left.
+        """
+        total, stop = self._over_ranks(mean, self._stop_flag())  # the one synchronization of the logging interval
+        value = total / self.dist.world_size
+        check_finite(self, value, epoch)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.writer.add_scalar("train/loss", value, self.step)
+        self.writer.add_scalar("train/lr", lr, self.step)
+        bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.4f}")
+        if bar.disable:  # no bar (a log file, a batch job): a plain line per logging interval instead
+            self.out(f"  step {self.step}/{self.total_steps} (epoch {epoch + 1}): loss {value:.4f}, lr {lr:.5f}")
+        self.stop.stop = stop > 0
+        return self.stop.stop
+
+    # -- end of an epoch: evaluate, log, checkpoint --------------------------------------------------
+    def evaluate_epoch(self) -> EpochEval:
+        """Test (and validation) accuracy of the model and, with --ema, of its EMA. Under torchrun every rank
+        first takes rank 0's BatchNorm statistics: one model (the one rank 0 saves) scores every shard."""
+        k, amp, reduce = self.data.num_classes, self.amp_dtype, self.reduce
+        if self.dist.enabled:
+            broadcast_buffers(self.model, *([self.ema.module] if self.ema is not None else []))
+        result = EpochEval(test=evaluate(self.model, self.test_loader, k, amp, reduce))
+        if self.val_loader is not None:
+            result.val = evaluate(self.model, self.val_loader, k, amp, reduce)
+        if self.ema is not None:
+            result.ema_test = evaluate(self.ema.module, self.test_loader, k, amp, reduce)
+            if self.val_loader is not None:
+                result.ema_val = evaluate(self.ema.module, self.val_loader, k, amp, reduce)
+        return result
+
+
+
+def train(cfg: TrainConfig, explicit: dict | None = None, out=print, command: str = "") -> dict:
+    return Trainer.from_config(cfg, explicit, out=out, command=command).fit()

@@ -1,0 +1,116 @@
+"""The training state: what `last.state.pt` holds (each object through its own state_dict), loading it
+back for an exact resume, and the save rules (state, then last, then EMA, then best if it improved).
+`State` is mixed into the Trainer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..checkpoint import rank_state, save_state, save_weights
+from ..distributed import gather_objects
+from ..system import PRECISION_NAMES, rng_state, set_rng_state
+from .runlog import EpochEval, StepStats
+from .stopping import Stopped, resume_command
+
+
+class State:
+    """Saving and loading the Trainer's full state."""
+
+    def _state(self, epoch: int, ranks: list[dict]) -> dict:
+        return {
+            "format": 2,
+            "config": self.cfg.to_dict(),
+            "epoch": epoch,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "world_size": self.dist.world_size,
+            "ranks": ranks,  # each rank's loader position and random streams, in rank order
+            "device_type": self.device.type,
+            "precision": PRECISION_NAMES[self.amp_dtype],
+            "process": self.process,  # the profile's TF32 / cudnn.benchmark, applied again on resume
+            "epoch_progress": vars(self.carried) if self.carried is not None else None,
+            "best_metric": self.best_metric,
+            "best_epoch": self.best_epoch,
+            "history": self.history,
+            "classes": self.data.classes,
+            "mean": list(self.data.mean),
+            "std": list(self.data.std),
+            "model_args": self.model_args,
+            "budget": self.budget,
+        }
+
+    def _rank_state(self) -> dict:
+        return {"loader": self.train_loader.state_dict(), "rng": rng_state()}
+
+    def _load_state(self, state: dict, run_dir: Path) -> None:
+        if state["model_args"]["num_classes"] != self.data.num_classes:
+            raise ValueError(f"{run_dir} was trained on {state['model_args']['num_classes']} classes, this data has {self.data.num_classes}")
+        self.model.load_state_dict(state["model"])
+        built = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group, kernels in zip(self.optimizer.param_groups, built):
+            group.update(kernels)  # this device's kernels, not the saving run's (a GPU's fused=True on a CPU)
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.module.load_state_dict(state["ema"])
+        mine = rank_state(state, self.dist.rank)
+        same_device = state.get("device_type", self.device.type) == self.device.type
+        self.train_loader.load_state_dict(mine["loader"], generator=same_device)  # else re-seeded (epoch start)
+        set_rng_state(mine["rng"])
+        self.start_epoch, self.step = int(state["epoch"]), int(state["step"])
+        # The learning rate is a pure function of the step, so the schedule needs no saved state.
+        self.scheduler.step_update(num_updates=self.step)
+        self.best_metric, self.best_epoch = float(state["best_metric"]), int(state["best_epoch"])
+        self.history = list(state["history"])
+        self.budget = state.get("budget")
+        self.resumed_mid_epoch = self.train_loader.batch > 0
+        if state.get("epoch_progress") and self.resumed_mid_epoch:
+            self.carried = StepStats(**state["epoch_progress"])
+        where = f"epoch {self.start_epoch + 1}" + (f", batch {self.train_loader.batch + 1}" if self.resumed_mid_epoch else "")
+        moved = "" if same_device else f" (saved on {state['device_type']}: not bit-identical to staying there)"
+        self.out(f"resumed {run_dir} at {where} (step {self.step}){moved}")
+
+    def save_last(self, epoch: int) -> None:
+        """State, then last weights, then EMA weights (before best): each file replaced atomically.
+        Every rank takes part (each contributes its own random streams); rank 0 writes."""
+        ranks = gather_objects(self._rank_state(), self.dist)
+        if not self.dist.is_main:
+            return
+        save_state(self.dirs.checkpoints / "last.state.pt", self._state(epoch, ranks))
+        last = self.history[-1] if self.history else {}
+        meta = self.meta.at(epoch, test_accuracy=last.get("test_acc"))
+        save_weights(self.dirs.checkpoints / "last.safetensors", self.model.state_dict(), meta)
+        if self.ema is not None:
+            ema_meta = self.meta.at(epoch, ema=True, test_accuracy=last.get("ema_test_acc"))
+            save_weights(self.dirs.checkpoints / "ema.safetensors", self.ema.module.state_dict(), ema_meta)
+
+    def checkpoint_epoch(self, epoch: int, ev: EpochEval) -> None:
+        """The state and last weights, then best.safetensors if the chosen split improved (raw or EMA,
+        whichever is better on val). A kill between the two leaves a resumable state."""
+        chosen, key, split = (ev.val, "val", "validation") if ev.val is not None else (ev.test, "test", "test")
+        weights, test = self.model, ev.test
+        if ev.ema_val is not None and ev.ema_val.accuracy > ev.val.accuracy:  # judged on val only, never on test
+            chosen, weights, test = ev.ema_val, self.ema.module, ev.ema_test
+        improved = chosen.accuracy > self.best_metric
+        if improved:
+            self.best_metric, self.best_epoch = chosen.accuracy, epoch + 1
+        self.train_loader.set_epoch(epoch + 1)  # the state saved is "start of the next epoch"
+        self.save_last(epoch + 1)
+        if improved and self.dist.is_main:
+            accuracies = {f"{key}_accuracy": chosen.accuracy, "test_accuracy": test.accuracy}
+            meta = self.meta.at(epoch + 1, ema=weights is not self.model, selected_on=split, **accuracies)
+            save_weights(self.dirs.checkpoints / "best.safetensors", weights.state_dict(), meta)
+
+    def _save_and_stop(self, epoch: int) -> None:
+        """A stop was agreed: save everything, then leave with the signal's exit status."""
+        self.save_last(epoch)
+        self._write_curves()
+        self.writer.close()
+        message = (f"stopped: saved {self.dirs.checkpoints}/last.state.pt at step {self.step}; continue with "
+                   f"{resume_command(self.dist)} --resume {self.dirs.checkpoints}")
+        self.out(message)
+        raise Stopped(message, self.stop.exit_code)

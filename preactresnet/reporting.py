@@ -15,7 +15,7 @@ from PIL import Image, ImageOps
 from . import plots
 from .checkpoint import CheckpointError
 from .data import BatchAugment, DataError, TensorLoader, load_dataset
-from .data.sources import IMAGE_EXTENSIONS
+from .data.trees import IMAGE_EXTENSIONS
 from .hub import WEIGHTS_NAME, resolve_pretrained
 from .inference import (
     LoadedModel,

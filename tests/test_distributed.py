@@ -126,13 +126,13 @@ def test_sync_bn_on_cpu_is_a_clear_error(tmp_path):
 
 def _resolved(rank, argv, profile_dir):
     """resolve_config with a different system profile on each rank (as on two machines)."""
-    import preactresnet.config as config
+    import preactresnet.training.resolve as resolve
     from preactresnet.distributed import init_distributed
 
-    config.load_profile = lambda *a, **k: {"path": f"{profile_dir}/rank{rank}.json", "settings": {"channels_last": "on" if rank else "off",
+    resolve.load_profile = lambda *a, **k: {"path": f"{profile_dir}/rank{rank}.json", "settings": {"channels_last": "on" if rank else "off",
                                                                                                   "batch_size": 16 * (rank + 1)}}
     cfg, explicit = parse_args(argv)
-    run = config.resolve_config(cfg, explicit, init_distributed(cfg.device), warn=lambda *a: None)
+    run = resolve.resolve_config(cfg, explicit, init_distributed(cfg.device), warn=lambda *a: None)
     return run.cfg, run.profile["path"]
 
 

@@ -13,7 +13,8 @@ from test_training import run_args
 from timm.optim import create_optimizer_v2
 
 import preactresnet.precision as precision
-from preactresnet.config import TrainConfig, parse_args, resolve_config
+from preactresnet.config import TrainConfig, parse_args
+from preactresnet.training.resolve import resolve_config
 from preactresnet.distributed import DistInfo
 from preactresnet.models import create_model
 from preactresnet.optim import build_optimizer, param_groups

@@ -14,7 +14,8 @@ import preactresnet.training as training
 from preactresnet import fileio
 from preactresnet.checkpoint import load_state, read_metadata, save_state
 from preactresnet.cli import main_train
-from preactresnet.config import TrainConfig, parse_args, resolve_config
+from preactresnet.config import TrainConfig, parse_args
+from preactresnet.training.resolve import resolve_config
 from preactresnet.distributed import DistInfo
 from preactresnet.hub import export
 from preactresnet.inference import tta_views

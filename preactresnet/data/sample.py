@@ -15,7 +15,8 @@ import tarfile
 from collections import defaultdict
 from pathlib import Path
 
-from .sources import SAMPLE_FILE, _split_key
+from .sources import SAMPLE_FILE
+from .trees import _split_key
 
 
 def build_sample(source: Path, out: Path, train_per_class: int = 1000, test_per_class: int = 200, seed: int = 0) -> int:

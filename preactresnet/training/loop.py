@@ -1,6 +1,6 @@
 """The training loop: build the parts, then epochs of steps, each followed by evaluate, log, checkpoint.
 
-Read top to bottom: `Trainer.from_config` resolves the run once (config.resolve_config, precision, the
+Read top to bottom: `Trainer.from_config` resolves the run once (resolve.py, precision, the
 time budget), `fit` runs the epochs, `train_steps` the steps, `_step` one optimizer step. Building
 (parts.py), saving (state.py), logging (runlog.py) and stopping (stopping.py) live beside it.
 """
@@ -15,7 +15,8 @@ import torch.nn as nn
 from timm.data.mixup import mixup_target
 from tqdm.auto import tqdm
 
-from ..config import ResolvedConfig, TrainConfig, resolve_config
+from ..config import ResolvedConfig, TrainConfig
+from .resolve import resolve_config
 from ..distributed import Agreement, DistInfo, broadcast_buffers, init_distributed
 from ..evaluation import EvalResult, evaluate
 from ..precision import resolve_precision

@@ -81,7 +81,7 @@ class Parts:
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
         # Linear scaling rule (Goyal et al. 2017): the global batch grew world_size times. The config
-        # keeps the unscaled values (a resume must use the same world size: config._check_resumable).
+        # keeps the unscaled values (a resume must use the same world size: training.resolve._check_resumable).
         self.lr_scale = self.dist.world_size if self.dist.enabled and cfg.scale_lr else 1
         self.amp_dtype = resolve_amp(cfg.amp, self.device)
         self.channels_last = use_channels_last(cfg)

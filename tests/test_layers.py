@@ -77,3 +77,17 @@ def test_no_import_cycle():
 def test_lower_layers_never_import_higher_ones():
     wrong = [(m, d) for m, deps in graph().items() if m.startswith(LOW) for d in deps if d.startswith(HIGH)]
     assert not wrong, wrong
+
+
+def test_files_and_functions_fit_on_a_screen():
+    """No module over 300 lines, the loop under 250, no function over 50."""
+    too_long = []
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        limit = 250 if path.name == "loop.py" else 300
+        if text.count("\n") > limit:
+            too_long.append(f"{path.name}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 50:
+                too_long.append(f"{path.name}:{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not too_long, too_long

@@ -26,7 +26,8 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    host_group: object = field(default=None, compare=False, repr=False)  # gloo: waits and host-side values
+    host_group: object = field(default=None, compare=False, repr=False)  # gloo: host-side values (CPU tensors)
+    data_group: object = field(default=None, compare=False, repr=False)  # gloo, the long wait for the data
 
     @property
     def is_main(self) -> bool:
@@ -56,9 +57,10 @@ def init_distributed(device: str = "auto") -> DistInfo:
     use_cuda = torch.cuda.is_available() and not device.startswith("cpu")
     if not dist.is_initialized():
         dist.init_process_group(backend=backend_for(use_cuda), timeout=_seconds(TIMEOUT_ENV, None))
-    # monitored_barrier (a wait with its own timeout) needs a plain gloo group: the default one is that on CPUs
     host = dist.new_group(backend="gloo", timeout=_seconds(TIMEOUT_ENV, None)) if use_cuda else dist.group.WORLD
-    return DistInfo(rank, world, local, host)
+    # a group's timeout binds every rank's side of a barrier (monitored_barrier's only rank 0's): its own group
+    data = dist.new_group(backend="gloo", timeout=_seconds(DATA_TIMEOUT_ENV, 7200.0))
+    return DistInfo(rank, world, local, host, data)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> None:
@@ -109,7 +111,7 @@ class Agreement:
 def wait_for_data(info: DistInfo) -> None:
     """Every rank waits here while each node's first process builds the data (a long wait, not a hang)."""
     if info.enabled:
-        dist.monitored_barrier(group=info.host_group, timeout=_seconds(DATA_TIMEOUT_ENV, 7200.0), wait_all_ranks=True)
+        dist.barrier(group=info.data_group)
 
 
 def gather_objects(value, info: DistInfo) -> list | None:

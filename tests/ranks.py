@@ -60,12 +60,12 @@ def run_ranks(fn, world: int, *args, timeout: float = 60.0, local_ranks: list[in
 
 
 def _rank_main(fn, rank, world, local_rank, port, args, results, env) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(local_rank), **{DIST_TIMEOUT_ENV: "30"}, **env)
-    import torch
-
-    torch.set_num_threads(1)
     try:
+        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": str(world),
+                           "LOCAL_RANK": str(local_rank), DIST_TIMEOUT_ENV: "30", **env})
+        import torch
+
+        torch.set_num_threads(1)
         results.put((rank, True, fn(rank, *args)))
     except BaseException:  # noqa: BLE001 - the test shows every rank's failure, whatever it was
         results.put((rank, False, traceback.format_exc()))

@@ -152,12 +152,12 @@ def test_process_group_backend_serves_cpu_and_cuda_tensors(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.append(("init", kw["backend"])))
-    monkeypatch.setattr(dist, "new_group", lambda **kw: calls.append(("host", kw["backend"])) or "gloo-group")
+    monkeypatch.setattr(dist, "new_group", lambda **kw: calls.append(("group", kw["backend"])) or "gloo-group")
     info = d.init_distributed("auto")
-    assert calls == [("init", "cpu:gloo,cuda:nccl"), ("host", "gloo")] and info.host_group == "gloo-group"
+    assert calls == [("init", "cpu:gloo,cuda:nccl"), ("group", "gloo"), ("group", "gloo")] and info.host_group == "gloo-group"
     calls.clear()
     d.init_distributed("cpu")
-    assert calls == [("init", "gloo")]
+    assert calls == [("init", "gloo"), ("group", "gloo")]  # the default group serves host values; the data wait has its own
 
 
 def _budgeted(rank, argv):
@@ -266,8 +266,8 @@ def test_sigterm_under_torchrun_saves_mid_epoch_and_resumes_bit_identically(tmp_
     assert all(torch.equal(a[k], b[k]) for k in a), f"stopped after step {batch}: weights differ from the unbroken run"
 
 
-def _timed_load(rank, argv, log):
-    """A rank whose data loading writes when it began and ended (each node's first rank takes a second longer)."""
+def _timed_load(rank, argv, log, slower=1.0):
+    """A rank whose data loading writes when it began and ended (each node's first rank takes `slower` s longer)."""
     import preactresnet.training.parts as training
 
     real = training.load_dataset
@@ -275,7 +275,7 @@ def _timed_load(rank, argv, log):
     def load(*args, **kwargs):
         began = time.time()
         if int(os.environ["LOCAL_RANK"]) == 0:
-            time.sleep(1.0)
+            time.sleep(slower)
         data = real(*args, **kwargs)
         with open(log, "a") as f:
             f.write(f"{rank} {began} {time.time()}\n")
@@ -307,7 +307,7 @@ def test_two_nodes_without_a_shared_folder(tmp_path):
         folder.mkdir()
         launches.append(subprocess.Popen(_torchrun(2, *args, node=(node, port)), cwd=folder, env=env, text=True,
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    done = [p.communicate(timeout=120) for p in launches]
+    done = [p.communicate(timeout=90) for p in launches]  # about 18 s on an AMX CPU
     for p, (out, err) in zip(launches, done):
         assert p.returncode == 0, err[-3000:]
     found = re.search(r"final test accuracy: ([\d.]+)% \((\d+)/(\d+)\)", done[0][0])
@@ -321,3 +321,12 @@ def test_two_nodes_without_a_shared_folder(tmp_path):
     from preactresnet.training import Trainer
 
     assert Trainer.from_config(cfg, explicit, out=lambda *a: None).fit()["final"].total == 2000
+
+
+def test_a_data_build_longer_than_the_collective_timeout_is_waited_for(tmp_path):
+    """Each node's first process may take long to build the data: that wait has its own timeout
+    (PREACTRESNET_DATA_TIMEOUT), not the collectives' (here 1 s, the build 3 s)."""
+    log = tmp_path / "loads.txt"
+    argv = [*COMMON, *outputs(tmp_path), "--batch-size", "16"]
+    run_ranks(_timed_load, 2, argv, str(log), 3.0, env={"PREACTRESNET_DIST_TIMEOUT": "1", "PREACTRESNET_DATA_TIMEOUT": "30"})
+    assert len(log.read_text().splitlines()) == 2

@@ -99,10 +99,15 @@ class Agreement:
         if not self.info.enabled:
             return flag
         self.calls += 1
-        if self.calls < self.due:
-            return False
+        return self.meet(flag) if self.calls >= self.due else False
+
+    def meet(self, flag: bool) -> bool:
+        """Compare the flags now (every rank must call this at the same point): for long steps such as an
+        evaluation's batches, where a meeting per call costs nothing."""
+        if not self.info.enabled:
+            return flag
         now = time.monotonic()
-        anyone, per_call = all_reduce_max([float(flag), (now - self.since) / (self.calls - self.at)], self.info)
+        anyone, per_call = all_reduce_max([float(flag), (now - self.since) / max(self.calls - self.at, 1)], self.info)
         self.due = self.calls + max(1, int(self.every / max(per_call, 1e-6)))
         self.since, self.at = now, self.calls
         return anyone > 0

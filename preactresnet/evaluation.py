@@ -49,8 +49,13 @@ def confusion_counts(confusion: torch.Tensor) -> tuple[int, int, list[float]]:
     return correct, total, per_class
 
 
+class EvaluationStopped(Exception):
+    """A stop was agreed in the middle of an evaluation (`evaluate`'s `should_stop`)."""
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, num_classes: int, amp_dtype: torch.dtype | None = None, reduce=None) -> EvalResult:
+def evaluate(model: nn.Module, loader, num_classes: int, amp_dtype: torch.dtype | None = None, reduce=None,
+             should_stop=None) -> EvalResult:
     """Every image of `loader` once; `reduce` (e.g. an all-reduce) sums counts across processes.
 
     Counted on the device without a host synchronization per batch: the confusion matrix of a batch is
@@ -61,7 +66,10 @@ def evaluate(model: nn.Module, loader, num_classes: int, amp_dtype: torch.dtype 
     model.eval()
     device, k = loader.device, num_classes
     totals = torch.zeros(1 + k * k, dtype=torch.float64, device=device)  # [loss sum, confusion counts], exact below 2**53
-    for x, y in loader:
+    for i, (x, y) in enumerate(loader):
+        if should_stop is not None and should_stop(i):
+            model.train(was_training)
+            raise EvaluationStopped
         with autocast(device, amp_dtype):
             logits = model(x)
         logits = logits.float()

@@ -330,3 +330,42 @@ def test_a_data_build_longer_than_the_collective_timeout_is_waited_for(tmp_path)
     argv = [*COMMON, *outputs(tmp_path), "--batch-size", "16"]
     run_ranks(_timed_load, 2, argv, str(log), 3.0, env={"PREACTRESNET_DIST_TIMEOUT": "1", "PREACTRESNET_DATA_TIMEOUT": "30"})
     assert len(log.read_text().splitlines()) == 2
+
+
+def _signal_during_evaluation(rank, argv, seconds_per_batch):
+    """Evaluation batches slowed to `seconds_per_batch`; rank 1 gets SIGTERM as the first evaluation begins."""
+    from preactresnet.training import Stopped
+
+    t = _build(argv)
+    forward = t.model.forward
+
+    def slow(x):
+        if not t.model.training:
+            if rank == 1 and not hasattr(t, "signalled"):
+                t.signalled = time.monotonic()
+                os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(seconds_per_batch)
+        return forward(x)
+
+    t.model.forward = slow
+    try:
+        t.fit()
+    except Stopped:
+        return t.step, time.monotonic() - getattr(t, "signalled", time.monotonic())
+    return t.step, None
+
+
+def test_a_stop_during_evaluation_is_acted_on_within_a_batch(tmp_path):
+    """The test split is 2 evaluation batches per rank of 1 s each: SIGTERM on one rank as the evaluation
+    begins stops both after the batch in progress, saves the epoch's steps as done, and the resume
+    evaluates the epoch again and goes on to the same weights as a run never stopped."""
+    argv = [*COMMON, *outputs(tmp_path), "--batch-size", "250", "--max-steps-per-epoch", "2", "--epochs", "2",
+            "--run-name", "cut"]
+    (step0, _), (step1, took) = run_ranks(_signal_during_evaluation, 2, argv, 1.0, timeout=60)
+    assert step0 == step1 == 2 and took is not None and took < 2.5, (step0, step1, took)
+    state = load_state(tmp_path / "ck" / "cut" / "last.state.pt")
+    assert state["epoch"] == 0 and [r["loader"]["batch"] for r in state["ranks"]] == [2, 2] and not state["history"]
+    run_ranks(_fit, 2, ["--resume", str(tmp_path / "ck" / "cut"), "--no-progress"])
+    run_ranks(_fit, 2, [*argv[:-1], "whole"])
+    a, b = load_file(tmp_path / "ck" / "whole" / "last.safetensors"), load_file(tmp_path / "ck" / "cut" / "last.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -79,13 +79,13 @@ def test_train_py_exits_143_after_a_sigterm_save(monkeypatch, capsys):
 
 def _saved_state(tmp_path, at="mid", extra=(), **changes):
     """A real state saved by a stop mid-epoch (after step 2 of 3) or at the end of epoch 1 (the signal came
-    during its evaluation), then edited as another machine would have saved it."""
+    while epoch 1 was being checkpointed), then edited as another machine would have saved it."""
     t = trainer(tmp_path, "--epochs", "2", "--max-steps-per-epoch", "3", "--run-name", "saved", *extra)
     if at == "mid":
         interrupt_at(t, 2)
     else:
-        evaluate = t.evaluate_epoch
-        t.evaluate_epoch = lambda: os.kill(os.getpid(), signal.SIGINT) or evaluate()
+        checkpoint = t.checkpoint_epoch
+        t.checkpoint_epoch = lambda *a: os.kill(os.getpid(), signal.SIGINT) or checkpoint(*a)
     with pytest.raises(KeyboardInterrupt):
         t.fit()
     path = tmp_path / "ck" / "saved" / "last.state.pt"

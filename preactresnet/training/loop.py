@@ -8,6 +8,7 @@ time budget), `fit` runs the epochs, `train_steps` the steps, `_step` one optimi
 from __future__ import annotations
 
 import itertools
+import math
 import time
 
 import torch
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 from ..config import ResolvedConfig, TrainConfig
 from .resolve import resolve_config
 from ..distributed import Agreement, DistInfo, broadcast_buffers, init_distributed
-from ..evaluation import EvalResult, evaluate
+from ..evaluation import EvalResult, EvaluationStopped, evaluate
 from ..precision import resolve_precision
 from ..system import autocast
 from .parts import Parts, RunDirs, use_channels_last
@@ -107,7 +108,11 @@ class Trainer(Parts, State, RunLog):
             self.carried = stats
             self._save_and_stop(epoch)
         eval_start = time.perf_counter()
-        results = self.evaluate_epoch()
+        try:
+            results = self.evaluate_epoch()
+        except EvaluationStopped:  # saved as "the epoch's steps done": a resume evaluates it again
+            self.carried, self.stop.stop = stats, True
+            self._save_and_stop(epoch)
         row = self.log_epoch(epoch, stats, results, epoch_start, eval_seconds=time.perf_counter() - eval_start)
         self.checkpoint_epoch(epoch, results)
         self._print_epoch(epoch, row, results)
@@ -215,14 +220,23 @@ class Trainer(Parts, State, RunLog):
         k, amp, reduce = self.data.num_classes, self.amp_dtype, self.reduce
         if self.dist.enabled:
             broadcast_buffers(self.model, *([self.ema.module] if self.ema is not None else []))
-        result = EpochEval(test=evaluate(self.model, self.test_loader, k, amp, reduce))
+        stop_test, stop_val = self._stop_check(self.test_loader), self._stop_check(self.val_loader)
+        result = EpochEval(test=evaluate(self.model, self.test_loader, k, amp, reduce, stop_test))
         if self.val_loader is not None:
-            result.val = evaluate(self.model, self.val_loader, k, amp, reduce)
+            result.val = evaluate(self.model, self.val_loader, k, amp, reduce, stop_val)
         if self.ema is not None:
-            result.ema_test = evaluate(self.ema.module, self.test_loader, k, amp, reduce)
+            result.ema_test = evaluate(self.ema.module, self.test_loader, k, amp, reduce, stop_test)
             if self.val_loader is not None:
-                result.ema_val = evaluate(self.ema.module, self.val_loader, k, amp, reduce)
+                result.ema_val = evaluate(self.ema.module, self.val_loader, k, amp, reduce, stop_val)
         return result
+
+    def _stop_check(self, loader):
+        """A stop during evaluation: the ranks compare flags before each batch that every rank has (their
+        shards differ by one image at most), so a signal is acted on within one batch."""
+        if loader is None:
+            return None
+        common = math.ceil(len(loader.labels) // self.dist.world_size / loader.batch_size)
+        return lambda i: i < common and self.agreement.meet(self.stop.stop)
 
 
 

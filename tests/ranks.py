@@ -17,7 +17,7 @@ import socket
 import time
 import traceback
 
-DIST_TIMEOUT_ENV = "PREACTRESNET_DIST_TIMEOUT"  # the process group's timeout (preactresnet.distributed reads it)
+from preactresnet.distributed import TIMEOUT_ENV as DIST_TIMEOUT_ENV  # the process group's timeout
 
 
 def free_port() -> int:

@@ -177,10 +177,19 @@ def test_time_budget_under_torchrun_plans_once_for_all_ranks(tmp_path):
     assert plan0 == plan1 and steps0 == steps1 == plan0[1] >= 5
 
 
-def _slow_steps_then_signal(rank, argv, seconds_per_step, at):
-    """Steps slowed to `seconds_per_step`; rank 1 gets SIGTERM after step `at`; both must stop soon after."""
+def _fit_until_stopped(t):
+    """(the step it stopped at, seconds from the signal to the stop), or (step, None) if it ran to the end."""
     from preactresnet.training import Stopped
 
+    try:
+        t.fit()
+    except Stopped:
+        return t.step, time.monotonic() - getattr(t, "signalled", time.monotonic())
+    return t.step, None
+
+
+def _slow_steps_then_signal(rank, argv, seconds_per_step, at):
+    """Steps slowed to `seconds_per_step`; rank 1 gets SIGTERM after step `at`; both must stop soon after."""
     t = _build(argv)
     step = t._step
 
@@ -193,11 +202,7 @@ def _slow_steps_then_signal(rank, argv, seconds_per_step, at):
         return loss
 
     t._step = slow
-    try:
-        t.fit()
-    except Stopped:
-        return t.step, time.monotonic() - getattr(t, "signalled", time.monotonic())
-    return t.step, None
+    return _fit_until_stopped(t)
 
 
 def test_a_stop_is_agreed_within_seconds_between_log_lines(tmp_path):
@@ -334,8 +339,6 @@ def test_a_data_build_longer_than_the_collective_timeout_is_waited_for(tmp_path)
 
 def _signal_during_evaluation(rank, argv, seconds_per_batch):
     """Evaluation batches slowed to `seconds_per_batch`; rank 1 gets SIGTERM as the first evaluation begins."""
-    from preactresnet.training import Stopped
-
     t = _build(argv)
     forward = t.model.forward
 
@@ -348,11 +351,7 @@ def _signal_during_evaluation(rank, argv, seconds_per_batch):
         return forward(x)
 
     t.model.forward = slow
-    try:
-        t.fit()
-    except Stopped:
-        return t.step, time.monotonic() - getattr(t, "signalled", time.monotonic())
-    return t.step, None
+    return _fit_until_stopped(t)
 
 
 def test_a_stop_during_evaluation_is_acted_on_within_a_batch(tmp_path):

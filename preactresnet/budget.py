@@ -3,7 +3,7 @@
 The budget covers the training steps and the evaluation after each epoch: not the start-up before them
 (imports, data, model, precision timing, this calibration) nor what follows the last epoch (TTA, figures,
 report). The run's own trainer times a few real training steps (WARMUP_STEPS untimed first, then at least
-MIN_TIMED_STEPS and MIN_TIMED_SECONDS) and one end-of-epoch evaluation (test split, and validation and
+MIN_TIMED_STEPS and MIN_TIMED_SECONDS, less for a budget under a minute) and one end-of-epoch evaluation (test split, and validation and
 EMA where the run has them); from those the number of steps that fit is chosen, written into the config
 (epochs and total_steps), and the trainer starts over from the state it was built in (weights, data
 position, random streams; a fresh optimizer, schedule and EMA). The calibration steps are
@@ -24,6 +24,12 @@ from .distributed import all_reduce_max
 
 WARMUP_STEPS = 3  # first-touch allocations, kernel selection, torch.compile: never timed
 MIN_TIMED_STEPS, MIN_TIMED_SECONDS = 5, 3.0  # timed until both are reached, for a stable images/s
+CALIBRATION_SHARE = 0.05  # a short budget times for this share of it (at least 1 s): 10 s spends 1 s, not 3
+
+
+def timed_seconds(budget_seconds: float) -> float:
+    """How long calibration times steps: MIN_TIMED_SECONDS, or less for a budget under a minute."""
+    return min(MIN_TIMED_SECONDS, max(1.0, CALIBRATION_SHARE * budget_seconds))
 
 
 @dataclass(frozen=True)
@@ -85,14 +91,14 @@ def plan(budget_seconds: float, steps_per_epoch: int, cal: Calibration) -> Budge
     return BudgetPlan(budget_seconds, epochs, steps, steps_per_epoch, cal)
 
 
-def calibrate(trainer) -> Calibration:
-    """Time real steps (after WARMUP_STEPS untimed ones) and one evaluation on the run's trainer.
+def calibrate(trainer, seconds_wanted: float = MIN_TIMED_SECONDS) -> Calibration:
+    """Time real steps (after WARMUP_STEPS untimed ones, for `seconds_wanted`) and one evaluation on the run's trainer.
     Under torchrun every rank steps (DDP's collectives need them all) and the slowest rank's times count,
     so every rank takes the same number of steps."""
     trainer.train_loader.set_epoch(0)
     trainer.train_steps(WARMUP_STEPS)
     steps, seconds = 0, 0.0
-    while steps < MIN_TIMED_STEPS or seconds < MIN_TIMED_SECONDS:
+    while steps < MIN_TIMED_STEPS or seconds < seconds_wanted:
         if trainer.train_loader.batch >= trainer.steps_per_epoch:
             trainer.train_loader.set_epoch(trainer.train_loader.epoch + 1)
         stats = trainer.train_steps(min(5, trainer.steps_per_epoch - trainer.train_loader.batch))
@@ -108,7 +114,8 @@ def calibrate(trainer) -> Calibration:
 def fit_to_budget(trainer, out=print) -> BudgetPlan:
     """Calibrate on `trainer` (every rank takes part) and return the plan; the trainer then starts over."""
     cfg = trainer.cfg
-    choice = plan(parse_duration(cfg.time_budget), trainer.steps_per_epoch, calibrate(trainer))  # the same on every rank
+    budget = parse_duration(cfg.time_budget)
+    choice = plan(budget, trainer.steps_per_epoch, calibrate(trainer, timed_seconds(budget)))  # the same on every rank
     finish = time.strftime("%H:%M:%S", time.localtime(time.time() + choice.expected_seconds))
     if choice.total_steps < choice.steps_per_epoch:
         out(f"time budget {cfg.time_budget} is shorter than one epoch here: training {choice.total_steps} of its "

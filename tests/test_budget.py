@@ -35,6 +35,10 @@ def test_plan_fills_the_budget_with_steps_and_evaluations():
     assert plan(3600, 78, cal).total_steps > 60 * 78, "long budgets give many epochs"
 
 
+def test_a_short_budget_spends_less_of_itself_on_calibration():
+    assert [budget.timed_seconds(b) for b in (5, 10, 40, 70, 900)] == [1.0, 1.0, 2.0, 3.0, 3.0]
+
+
 def test_budget_shorter_than_an_epoch_trains_part_of_one():
     cal = Calibration(seconds_per_step=0.2, eval_seconds=1.0, batch_size=128)  # one epoch: 16.6 s
     p = plan(10.0, 78, cal)
@@ -54,7 +58,7 @@ def test_budget_and_epochs_flags_together_are_one_line_errors(tmp_path, capsys):
 
 
 def _fixed_calibration(monkeypatch, calls: list):
-    def fake(t):
+    def fake(t, seconds_wanted=None):
         calls.append(t)
         t.train_loader.set_epoch(0)
         t.train_steps(2)  # real steps on the throwaway trainer: they must not leak into the run

@@ -34,6 +34,7 @@ CACHE_FORMAT = 1
 MAX_TIMED_BATCH = 128  # larger batches cost the same per image; the full-width net at 256 would take minutes
 MIN_SECONDS, MIN_CALLS, MAX_CALLS = 0.6, 2, 20  # per candidate, after one untimed warm-up call
 GIVE_UP_FACTOR = 3.0  # a candidate whose warm-up is this much slower than the best one's is not timed further
+PROBE_BATCH = 16  # bf16 is first tried on this batch: emulated (3x+ slower), it never runs the full one (5 s on AVX2)
 
 
 def measure(candidates: dict[str, Callable[[], None]], clock=time.perf_counter) -> dict[str, float]:
@@ -55,9 +56,9 @@ def measure(candidates: dict[str, Callable[[], None]], clock=time.perf_counter) 
     return seconds
 
 
-def amp_candidates(cfg: TrainConfig, num_classes: int, channels_last: bool) -> tuple[dict, int]:
-    """Forward and backward of this run's network on a batch of its shape, in fp32 ('off') and in bf16."""
-    batch = min(cfg.batch_size, MAX_TIMED_BATCH)
+def amp_candidates(cfg: TrainConfig, num_classes: int, channels_last: bool, batch: int | None = None) -> tuple[dict, int]:
+    """Forward and backward of this run's network on a batch of its shape (or `batch`), in fp32 ('off') and in bf16."""
+    batch = min(batch or cfg.batch_size, MAX_TIMED_BATCH)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(0)
     model = create_model(cfg.model, num_classes=num_classes, width_mult=cfg.width_mult).to(memory_format=fmt).train()
@@ -73,6 +74,28 @@ def amp_candidates(cfg: TrainConfig, num_classes: int, channels_last: bool) -> t
         return call
 
     return {"off": step(None), "bf16": step(torch.bfloat16)}, batch
+
+
+def bf16_far_slower(cfg: TrainConfig, num_classes: int, channels_last: bool, clock) -> float | None:
+    """bf16's images/s on a PROBE_BATCH when it is GIVE_UP_FACTOR times slower than fp32 there (emulated), else None."""
+    candidates, batch = amp_candidates(cfg, num_classes, channels_last, batch=PROBE_BATCH)
+    seconds = {}
+    for name, call in candidates.items():
+        call()  # untimed: first-touch allocations and kernel choice
+        start = clock()
+        call()
+        seconds[name] = clock() - start
+    return batch / seconds["bf16"] if seconds["bf16"] > GIVE_UP_FACTOR * seconds["off"] else None
+
+
+def amp_figures(cfg: TrainConfig, num_classes: int, channels_last: bool, clock) -> dict[str, float]:
+    """Images/s of forward and backward per precision; bf16 judged on the probe alone where it is far slower."""
+    slow = bf16_far_slower(cfg, num_classes, channels_last, clock)
+    candidates, batch = amp_candidates(cfg, num_classes, channels_last)
+    if slow is not None:
+        del candidates["bf16"]
+    figures = {name: round(batch / s, 1) for name, s in measure(candidates, clock).items()}
+    return figures if slow is None else {**figures, "bf16": round(slow, 1)}
 
 
 def ns_candidates(cfg: TrainConfig, num_classes: int) -> dict:
@@ -128,8 +151,7 @@ def timed_figures(cfg: TrainConfig, num_classes: int, channels_last: bool, wante
     if not missing:
         return entry, f"cached in {path}, timed {entry.get('measured', '?')}"
     if "amp" in missing:
-        candidates, batch = amp_candidates(cfg, num_classes, channels_last)
-        entry["amp"] = {name: round(batch / s, 1) for name, s in measure(candidates, clock).items()}
+        entry["amp"] = amp_figures(cfg, num_classes, channels_last, clock)
     if "ns" in missing:
         entry["ns"] = {name: round(1000 * s, 2) for name, s in measure(ns_candidates(cfg, num_classes), clock).items()}
     entry["measured"] = datetime.now(timezone.utc).isoformat(timespec="seconds")

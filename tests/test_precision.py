@@ -30,15 +30,19 @@ class FakeClock:
 
 
 def fake_candidates(monkeypatch, clock: FakeClock, amp: dict, ns: dict, calls: list) -> None:
-    """Candidates that only advance the fake clock: `amp` and `ns` give each one's seconds per call."""
+    """Candidates that only advance the fake clock: `amp` and `ns` give each one's seconds per call (for the
+    run's batch of 64; a probe batch takes its share of that time, and its calls are recorded as 'probe')."""
     def make(kind, name, seconds):
         def call():
             calls.append((kind, name))
             clock.now += seconds
         return call
 
-    monkeypatch.setattr(precision, "amp_candidates",
-                        lambda cfg, k, cl: ({n: make("amp", n, s) for n, s in amp.items()}, min(cfg.batch_size, 128)))
+    def amp_candidates(cfg, k, cl, batch=None):
+        size = min(batch or cfg.batch_size, 128)
+        return {n: make("amp" if batch is None else "probe", n, s * size / 64) for n, s in amp.items()}, size
+
+    monkeypatch.setattr(precision, "amp_candidates", amp_candidates)
     monkeypatch.setattr(precision, "ns_candidates", lambda cfg, k: {n: make("ns", n, s) for n, s in ns.items()})
 
 
@@ -58,11 +62,19 @@ def test_amp_auto_takes_the_faster_precision(tmp_path, monkeypatch, bf16_seconds
     assert calls.count(("amp", "off")) >= 1 + precision.MIN_CALLS and calls.count(("amp", "bf16")) >= 1 + precision.MIN_CALLS
 
 
-def test_a_candidate_far_slower_is_judged_on_its_warmup(tmp_path, monkeypatch):
+def test_a_candidate_far_slower_is_judged_on_its_warmup(monkeypatch):
+    clock, calls = FakeClock(), []
+    fake_candidates(monkeypatch, clock, {}, {"fp32": 0.01, "bf16": 0.1}, calls)
+    seconds = precision.measure(precision.ns_candidates(None, 10), clock)
+    assert seconds == {"fp32": pytest.approx(0.01), "bf16": pytest.approx(0.1)} and calls.count(("ns", "bf16")) == 1
+
+
+def test_bf16_far_slower_on_a_probe_batch_never_runs_the_full_batch(tmp_path, monkeypatch):
     clock, calls = FakeClock(), []
     fake_candidates(monkeypatch, clock, {"off": 0.1, "bf16": 1.0}, {"fp32": 0.01, "bf16": 0.01}, calls)
     run = resolved(tmp_path, clock=clock)
-    assert run.cfg.amp == "off" and calls.count(("amp", "bf16")) == 1, "emulated bf16 is not timed for seconds"
+    assert run.cfg.amp == "off" and ("amp", "bf16") not in calls, "emulated bf16 is not timed at the run's batch"
+    assert calls.count(("probe", "bf16")) == 2 and f"bf16 {64 / 1.0:.0f} images/s" in run.precision["line"]
     assert run.cfg.muon_ns_dtype == "auto", "no Muon in this run: its dtype is not timed"
 
 
@@ -103,7 +115,7 @@ def test_summary_prints_the_choice_and_a_second_run_reads_the_cache(tmp_path, mo
         line = next(x for x in lines if x.startswith("precision auto:"))
         assert "images/s" in line and "ms/step" in line and str(path) in line
         assert ("timed here" if run == "first" else "cached in") in line, line
-    assert timed == [["off", "bf16"], ["fp32", "bf16"]], "the second run timed nothing"
+    assert [names[0] for names in timed] == ["off", "fp32"], "the second run timed nothing"  # bf16: timed or probed
     entries = json.loads(path.read_text())["entries"]
     (key, entry), = entries.items()
     assert "preactresnet18 x0.125" in key and torch.backends.cpu.get_cpu_capability() in key

@@ -66,6 +66,8 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "zero-init": ("residual branches start at zero", ["--zero-init-residual"]),
     "wd1e-3": ("weight decay 1e-3", ["--weight-decay", "1e-3"]),
     "wd2e-4": ("weight decay 2e-4", ["--weight-decay", "2e-4"]),
+    "wd5e-3": ("weight decay 5e-3 (Muon and AdamW decay by lr x wd per step)", ["--weight-decay", "5e-3"]),
+    "wd2e-2": ("weight decay 2e-2", ["--weight-decay", "2e-2"]),
     "pad4": ("crop padding 4", ["--crop-padding", "4"]),
     "muon": ("Muon for conv weights (AdamW for the rest), lr 0.02", ["--optimizer", "muon", "--lr", "0.02", "--warmup-lr", "0.002"]),
     "-muon": ("Nesterov SGD lr 0.1 instead of Muon", ["--optimizer", "sgd", "--lr", "0.1", "--warmup-lr", "0.01"]),
@@ -80,6 +82,8 @@ ROWS: dict[str, tuple[str, list[str]]] = {
                              ["--batch-size", "64", "--lr", "0.04", "--warmup-lr", "0.004", "--warmup-epochs", "0.25"]),
     "erase": ("random erasing p 0.25 (cutout-like)", ["--erase-prob", "0.25"]),
     "mix": ("MixUp/CutMix on half the batches", ["--mix-prob", "0.5"]),
+    "width0.375": ("width x0.375", ["--width-mult", "0.375"]),
+    "width0.5": ("width x0.5", ["--width-mult", "0.5"]),
 }
 
 

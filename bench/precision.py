@@ -30,21 +30,10 @@ from unittest import mock  # noqa: E402
 
 from preactresnet import optim, precision  # noqa: E402
 from preactresnet.config import TrainConfig, from_dict, load_yaml  # noqa: E402
-from preactresnet.system import cpu_flags, cpu_name, tune_malloc  # noqa: E402
+from preactresnet.system import cpu_kind, cpu_name, tune_malloc  # noqa: E402
 from preactresnet.training import Trainer  # noqa: E402
 
 NETS = {"demo / CPU proxy (x0.25, batch 128)": (0.25, 128), "full width (x1.0, timed at batch 128)": (1.0, 128)}
-
-
-def cpu_kind() -> str:
-    """The kernels this process runs: the CPU's own kind, or the one ATEN_CPU_CAPABILITY/ONEDNN_MAX_CPU_ISA impose."""
-    flags = cpu_flags()
-    real = "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "AVX512" if "avx512f" in flags else "AVX2"
-    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
-    if os.environ.get("ATEN_CPU_CAPABILITY") or isa:
-        emulated = {"AVX2": "AVX2", "AVX512_CORE_BF16": "AVX512-BF16"}.get(isa.upper(), isa or "?")
-        return f"{emulated} kernels emulated on a {real} CPU (ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', '')}, ONEDNN_MAX_CPU_ISA={isa})"
-    return f"{real} (real)"
 
 
 def precision_rows(nets: list[str], out=print) -> None:

@@ -22,9 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from preactresnet.system import cpu_kind  # noqa: E402
 
 # name -> (what the row changes, flags added to the recipe)
 EMA_ROWS = {"+ema"}  # rows whose test_acc is the EMA weights' (the raw model's stays in raw_test_acc)
@@ -124,7 +125,7 @@ def run_one(args, row: str, seed: int, workdir: Path) -> dict:
         "by_epoch": [float(r["test_acc"]) for r in history],
         "images_per_sec": statistics.mean(float(r["images_per_sec"]) for r in history),
         "train_eval_seconds": float(last["elapsed_seconds"]), "wall_seconds": round(time.perf_counter() - start, 1),
-        "cpu": torch.backends.cpu.get_cpu_capability(), "command": " ".join(cmd[1:]),
+        "cpu": cpu_kind(), "command": " ".join(cmd[1:]),
         "kernels_env": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ},
     }
 
@@ -177,7 +178,7 @@ def main(argv=None) -> None:
                 with open(out, "a") as f:
                     f.write(json.dumps(result) + "\n")
                 print(f"{row} seed {seed}: {result['test_acc']:.2f}% ({result['train_eval_seconds']:.0f} s)", flush=True)
-    print(f"\n{args.config} on {args.data_dir} {' '.join(args.extra)} (CPU: {torch.backends.cpu.get_cpu_capability()})")
+    print(f"\n{args.config} on {args.data_dir} {' '.join(args.extra)} (CPU: {cpu_kind()})")
     print(table(mine))
 
 

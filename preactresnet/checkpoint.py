@@ -61,6 +61,8 @@ class WeightsMeta:
     run: str = ""
     data_description: str = ""
     command: str = ""
+    seed: int | None = None
+    machine: str = ""
 
     def at(self, epoch: int, ema: bool = False, selected_on: str | None = None, **accuracies: float | None) -> dict:
         """The metadata of the weights saved after `epoch`, with accuracies such as test_accuracy=83.2;

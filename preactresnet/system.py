@@ -31,6 +31,24 @@ def cpu_has_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
+def cpu_kind() -> str:
+    """The kernels this process runs: the CPU's own kind, or the one ATEN_CPU_CAPABILITY/ONEDNN_MAX_CPU_ISA impose."""
+    flags = cpu_flags()
+    real = "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "AVX512" if "avx512f" in flags else "AVX2"
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
+    if os.environ.get("ATEN_CPU_CAPABILITY") or isa:
+        emulated = {"AVX2": "AVX2", "AVX512_CORE_BF16": "AVX512-BF16"}.get(isa.upper(), isa or "?")
+        return f"{emulated} kernels emulated on a {real} CPU (ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', '')}, ONEDNN_MAX_CPU_ISA={isa})"
+    return f"{real} (real)"
+
+
+def machine_description(device: torch.device) -> str:
+    """Where a run trained, for the metadata of its weights: the GPU's name, or the CPU's and its kind."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_name()}, {cpu_kind()}, {os.cpu_count()} cores"
+
+
 def cuda_has_bf16(device: torch.device) -> bool:
     """True from Ampere (compute capability 8.0) on; V100/T4 report bf16 support but emulate it slowly."""
     return torch.cuda.get_device_capability(device) >= (8, 0)

@@ -23,7 +23,7 @@ from ..hub import load_pretrained_into
 from ..models import create_model
 from ..optim import build_ema, build_mixup, build_optimizer, build_scheduler
 from ..system import (
-    apply_process_settings, resolve_amp, resolve_device, rng_state, seed_everything, set_deterministic, set_rng_state, tune_malloc,
+    apply_process_settings, machine_description, resolve_amp, resolve_device, rng_state, seed_everything, set_deterministic, set_rng_state, tune_malloc,
 )
 from ..whitening import whiten_stem_
 from .runlog import _silent
@@ -159,7 +159,7 @@ class Parts:
             model=cfg.model, model_args=self.model_args, classes=self.data.classes, mean=list(self.data.mean),
             std=list(self.data.std), dataset=cfg.dataset, run=self.dirs.name, data_dir=portable_path(cfg.data_dir, name_only=False),
             data_description=f"{cfg.dataset} test split ({len(self.data.test_labels)} images from {source})",
-            command=command,
+            command=command, seed=cfg.seed, machine=machine_description(self.device),
         )
 
     def fit_budget(self) -> None:

@@ -1,25 +1,21 @@
-"""torch.hub entry points: `torch.hub.load("OWNER/PreActResNet", "preactresnet18", pretrained="OWNER/weights")`.
+"""torch.hub entry points: `torch.hub.load("OWNER/PreActResNet", "preactresnet18", pretrained=True)`.
 
-Every registered model is an entry point. With `pretrained=` (a local folder or a Hugging Face Hub repo
-id made by export.py) its weights are loaded strictly from safetensors.
+Every registered model is an entry point. `pretrained=True` loads the weights shipped in the package
+(preactresnet18 only, offline); `pretrained=` a local folder or Hugging Face Hub repo id made by
+export.py loads those. Weights are loaded strictly from safetensors.
 """
 
 dependencies = ["torch", "torchvision", "timm", "safetensors", "huggingface_hub"]
 
 
 def _entry(name):
-    def build(pretrained: str | None = None, **kwargs):
+    def build(pretrained: bool | str = False, **kwargs):
         import preactresnet
 
-        if pretrained:
-            model = preactresnet.from_pretrained(pretrained)
-            if model.pretrained_config["model"] != name:
-                raise ValueError(f"{pretrained} holds {model.pretrained_config['model']}, not {name}")
-            return model
-        return preactresnet.create_model(name, **kwargs)
+        return preactresnet.create_model(name, pretrained=pretrained, **kwargs)
 
     build.__name__ = name
-    build.__doc__ = f"{name} from the PreActResNet zoo; pretrained= a folder or Hub repo id from export.py."
+    build.__doc__ = f"{name} from the PreActResNet zoo; pretrained=True the bundled weights, or a folder or Hub repo id from export.py."
     return build
 
 

@@ -6,8 +6,8 @@ __version__ = "0.1.0"
 __all__ = ["count_params", "create_model", "from_pretrained", "list_models", "__version__"]
 
 
-def from_pretrained(spec: str, device="cpu"):
-    """A pretrained model from a local folder or a Hugging Face Hub repo id (see preactresnet.hub)."""
+def from_pretrained(spec=True, device="cpu"):
+    """A pretrained model: the bundled weights (True), a local folder or a Hugging Face Hub repo id (see preactresnet.hub)."""
     from .hub import from_pretrained as _from_pretrained  # lazy: `import preactresnet` stays light for timm users
 
     return _from_pretrained(spec, device)

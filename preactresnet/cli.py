@@ -17,8 +17,8 @@ from .config import TrainConfig, parse_args
 from .data import DataError
 from .distributed import cleanup
 from .fileio import fail
-from .hub import export, push_to_hub
-from .inference import TTA_MODES, load_model, resolve_checkpoint
+from .hub import BUNDLED, export, measure_exported, push_to_hub, record_accuracy
+from .inference import TTA_MODES, load_model
 from .profile import PROFILE_PATH
 from .system import resolve_device
 from .training import NonFiniteLoss, Stopped, train
@@ -30,7 +30,8 @@ def add_checkpoint_args(ap: argparse.ArgumentParser, pretrained: bool = True) ->
     """--checkpoint, --pretrained and --checkpoint-dir, as every evaluating command spells them."""
     ap.add_argument("--checkpoint", help="a .safetensors file, a run folder or run name (default: the newest run's best)")
     if pretrained:
-        ap.add_argument("--pretrained", help="a pretrained folder or Hugging Face Hub repo id (instead of --checkpoint)")
+        ap.add_argument("--pretrained", nargs="?", const=BUNDLED, metavar="PATH_OR_REPO_ID",
+                        help="a pretrained folder or Hugging Face Hub repo id (instead of --checkpoint); bare: the weights bundled with the package")
     ap.add_argument("--checkpoint-dir", default="checkpoints", help="where run folders are looked up (default: checkpoints)")
 
 
@@ -72,8 +73,10 @@ def main_train(argv: list[str] | None = None) -> None:
 
 def export_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Turn a training checkpoint into a pretrained folder (model.safetensors, config.json, README.md).")
-    add_checkpoint_args(ap, pretrained=False)
+    add_checkpoint_args(ap)
     ap.add_argument("--out", help="the folder to write (default: pretrained/<run>)")
+    ap.add_argument("--half", action="store_true", help="store the weights in fp16 (half the size; check the accuracy with --data-dir)")
+    ap.add_argument("--data-dir", help="measure the exported weights on this data's test split and on the bundled sample, and record both")
     ap.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload it to this Hugging Face Hub repo (log in first)")
     ap.add_argument("--private", action="store_true", help="make the Hub repo private")
     return ap
@@ -84,9 +87,14 @@ def main_export(argv: list[str] | None = None) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    path = resolve_checkpoint(args.checkpoint, args.checkpoint_dir)
-    out = export(path, args.out or Path("pretrained") / path.parent.name)
-    print(f"exported {path} -> {out}/ (model.safetensors, config.json, README.md)")
+    path = reporting.weights_path(args)
+    out = export(path, args.out or Path("pretrained") / path.parent.name, half=args.half)
+    print(f"exported {path} -> {out}/ (model.safetensors, config.json, README.md{', fp16 weights' if args.half else ''})")
+    if args.data_dir:
+        measured = measure_exported(out, args.data_dir)
+        record_accuracy(out, **measured)
+        print(f"measured on the exported weights: {measured['test_accuracy']:.2f}% on {measured['data_description']}, "
+              f"{measured['sample_accuracy']:.2f}% on the bundled sample (recorded in its metadata)")
     if args.push_to_hub:
         print(f"pushed to {push_to_hub(out, args.push_to_hub, args.private)}")
 

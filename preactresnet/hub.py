@@ -1,5 +1,8 @@
 """Pretrained weights as Hugging Face Hub folders: export, push, and load (locally or by repo id), safely.
 
+The package ships one such folder (BUNDLED_DIR: a narrow PreActResNet18 trained in 15 minutes on a
+CPU), used wherever `pretrained=True`, a bare `--pretrained`, or no checkpoint of one's own is given.
+
 A pretrained folder holds exactly three files:
   model.safetensors  the weights (no pickle anywhere), with the same metadata as a training checkpoint
   config.json        model name and arguments, class names, normalization, recipe, measured accuracy
@@ -17,17 +20,21 @@ import torch.nn as nn
 import yaml
 
 from .checkpoint import CheckpointError, check_metadata, load_weights, save_weights
+from .data.sources import SAMPLE_NAME
 from .fileio import atomic_write, first_line
-from .inference import load_model
+from .inference import accuracy_on, load_model
+from .pretrained import (
+    BUNDLED, BUNDLED_DIR, CARD_NAME, CONFIG_NAME, HUB_FILES, WEIGHTS_NAME, bundled_folder, is_bundled, resolve_pretrained,
+)
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-CARD_NAME = "README.md"
-HUB_FILES = [WEIGHTS_NAME, CONFIG_NAME, CARD_NAME]
-
+__all__ = ["BUNDLED", "BUNDLED_DIR", "CONFIG_NAME", "HUB_FILES", "WEIGHTS_NAME", "bundled_folder", "export", "from_pretrained",
+           "is_bundled", "load_pretrained_into", "measure_exported", "push_to_hub", "record_accuracy", "resolve_pretrained"]
 
 def _recipe(checkpoint: Path) -> dict:
-    """The training config saved beside a checkpoint (checkpoints/<run>/config.yaml), if there is one."""
+    """The training config saved beside a checkpoint (checkpoints/<run>/config.yaml, or a pretrained folder's)."""
+    exported = checkpoint.parent / CONFIG_NAME
+    if exported.is_file():
+        return json.loads(exported.read_text()).get("recipe") or {}
     f = checkpoint.parent / "config.yaml"
     if f.is_file():
         try:
@@ -63,7 +70,7 @@ tags: [image-classification, cifar10, {name}]
 | test accuracy | **{acc_text}** on the {data} |
 | epochs | {epochs} (checkpoint from epoch {config.get('epoch', '?')}) |
 | selection | {chosen} |
-| classes | {', '.join(config['classes'])} |
+{_optional_rows(config)}| classes | {', '.join(config['classes'])} |
 | normalization | mean {config['mean']}, std {config['std']} |
 
 Trained with:
@@ -84,33 +91,69 @@ The weights are safetensors: loading them runs no code.
 """
 
 
-def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Turn a training checkpoint (.safetensors from train.py) into a pretrained folder."""
+def _optional_rows(config: dict) -> str:
+    """The model card's rows for what only some folders record (the bundled one records them all)."""
+    rows = []
+    if isinstance(config.get("sample_accuracy"), (int, float)):
+        rows.append(f"| bundled 2,000-image sample | {config['sample_accuracy']:.2f}% (its test split) |")
+    if config.get("measured_by"):
+        rows.append(f"| accuracies measured by | {config['measured_by']} |")
+    for key, label in (("seed", "seed"), ("machine", "trained on"), ("weights_dtype", "weights stored as")):
+        if config.get(key) not in (None, ""):
+            rows.append(f"| {label} | {config[key]} |")
+    return "".join(row + "\n" for row in rows)
+
+
+def export(checkpoint: str | Path, out_dir: str | Path, half: bool = False) -> Path:
+    """Turn a training checkpoint (.safetensors from train.py) into a pretrained folder;
+    half: store the floating-point tensors in fp16 (half the size; they load into an fp32 model)."""
     checkpoint = Path(checkpoint)
     state, meta = load_weights(checkpoint)
     check_metadata(meta, checkpoint)
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    dtype = next(v.dtype for v in state.values() if v.is_floating_point())
+    meta = {**meta, "weights_dtype": str(dtype).replace("torch.", "")}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = {
-        "model": meta["model"],
-        "model_args": meta["model_args"],
-        "classes": meta["classes"],
-        "mean": meta["mean"],
-        "std": meta["std"],
-        "dataset": meta.get("dataset", "cifar10"),
-        "epoch": meta.get("epoch"),
-        "test_accuracy": meta.get("test_accuracy"),
-        "selected_on": meta.get("selected_on"),
-        "ema": bool(meta.get("ema", False)),
-        "data_description": meta.get("data_description"),
-        "command": meta.get("command"),
-        "recipe": _recipe(checkpoint),
-        "source_checkpoint": checkpoint.name,
-    }
-    save_weights(out / WEIGHTS_NAME, state, {k: v for k, v in meta.items()})
+    config = {key: meta.get(key) for key in CARRIED}
+    config.update(dataset=meta.get("dataset", "cifar10"), ema=bool(meta.get("ema", False)),
+                  recipe=_recipe(checkpoint), source_checkpoint=checkpoint.name)
+    save_weights(out / WEIGHTS_NAME, state, meta)
+    _write_config(out, config)
+    return out
+
+
+# what config.json repeats from the weights' metadata
+CARRIED = ("model", "model_args", "classes", "mean", "std", "epoch", "test_accuracy", "selected_on", "data_description",
+           "command", "seed", "machine", "weights_dtype", "sample_accuracy", "measured_by")
+
+
+def record_accuracy(folder: str | Path, **measured) -> None:
+    """Write accuracies measured on the exported weights themselves (test_accuracy=..., sample_accuracy=...,
+    data_description=..., measured_by=...) into their metadata, config.json and model card."""
+    folder = Path(folder)
+    state, meta = load_weights(folder / WEIGHTS_NAME)
+    meta.update(measured)
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    config.update(measured)
+    save_weights(folder / WEIGHTS_NAME, state, meta)
+    _write_config(folder, config)
+
+
+def measure_exported(folder: str | Path, data_dir: str) -> dict:
+    """export.py --data-dir: the exported weights' own accuracy, in fp32 on the CPU, on the data's test split
+    and on the bundled sample (the figure CI recomputes)."""
+    lm = load_model(Path(folder) / WEIGHTS_NAME, "cpu")
+    test_accuracy, described = accuracy_on(lm, data_dir)
+    sample_accuracy, _ = accuracy_on(lm, SAMPLE_NAME)
+    return {"test_accuracy": round(test_accuracy, 4), "data_description": described,
+            "sample_accuracy": round(sample_accuracy, 4), "measured_by": "export.py --data-dir (fp32, CPU)"}
+
+
+def _write_config(out: Path, config: dict) -> None:
     _atomic_text(out / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     _atomic_text(out / CARD_NAME, model_card(config))
-    return out
 
 
 def _atomic_text(path: Path, text: str) -> None:
@@ -132,31 +175,8 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:
     return str(getattr(info, "commit_url", repo_id))
 
 
-def resolve_pretrained(spec: str, cache_dir: str | None = None) -> Path:
-    """A local pretrained folder (or its model.safetensors), else a Hub repo id downloaded to the HF cache."""
-    path = Path(spec)
-    if path.is_dir():
-        if not (path / WEIGHTS_NAME).is_file():
-            raise CheckpointError(f"{path} has no {WEIGHTS_NAME}; export one with python export.py --out {path}")
-        return path
-    if path.is_file():
-        return path.parent
-    if spec.count("/") != 1 or spec.startswith((".", "/")):
-        raise CheckpointError(f"--pretrained {spec}: no such folder, and not a Hub repo id of the form owner/name")
-    from huggingface_hub import snapshot_download  # lazy: only needed for a Hub repo id
-
-    try:
-        return Path(snapshot_download(repo_id=spec, allow_patterns=HUB_FILES, cache_dir=cache_dir))
-    except Exception as err:  # offline, unknown repo, gated: say which, in one line
-        reason = first_line(err)
-        raise CheckpointError(
-            f"could not fetch '{spec}' from the Hugging Face Hub ({type(err).__name__}: {reason}); "
-            "with no network, pass a local pretrained folder instead"
-        ) from None
-
-
-def from_pretrained(spec: str, device: torch.device | str = "cpu") -> nn.Module:
-    """Build and strictly load a pretrained model from a local folder or a Hub repo id.
+def from_pretrained(spec: str | bool = True, device: torch.device | str = "cpu") -> nn.Module:
+    """Build and strictly load a pretrained model from a local folder, a Hub repo id, or the bundled weights.
 
     The returned model carries `pretrained_config` (classes, normalization, accuracy).
     """

@@ -9,8 +9,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, check_metadata, load_weights
+from .checkpoint import CheckpointError, check_metadata, load_weights, portable_path
+from .data import BatchAugment, TensorLoader, load_dataset
 from .data.augment import constant
+from .data.sources import SAMPLE_NAME
 from .evaluation import EvalResult, accuracy_of, batch_confusion, confusion_counts
 from .fileio import first_line
 from .models import create_model
@@ -41,6 +43,21 @@ def resolve_checkpoint(spec: str | None, checkpoint_dir: str | Path = "checkpoin
                     return candidate / fname
             raise CheckpointError(f"{candidate} holds no {name}, model.safetensors or last.safetensors")
     raise CheckpointError(f"checkpoint '{spec}' not found (neither a file, a folder, nor a run under {root}/)")
+
+
+def eval_loader(lm: "LoadedModel", images, labels, device, batch_size: int, amp_dtype) -> TensorLoader:
+    # Normalization comes from the checkpoint, never from the data being evaluated.
+    tf = BatchAugment(None, lm.mean, lm.std, amp_dtype or torch.float32, channels_last=True)
+    return TensorLoader(images, labels, batch_size, train=False, transform=tf, device=device)
+
+
+def accuracy_on(lm: "LoadedModel", data_dir: str, device=None, amp_dtype=None, batch_size: int = 500) -> tuple[float, str]:
+    """Plain accuracy of a loaded model on a data folder's test split, and the words that name that data."""
+    ds = load_dataset(lm.meta.get("dataset", "cifar10"), data_dir, download=False)
+    loader = eval_loader(lm, ds.test_images, ds.test_labels, device or torch.device("cpu"), batch_size, amp_dtype)
+    probs, labels = predict_probs(lm.model, loader, "none", amp_dtype)
+    where = "the bundled sample" if data_dir == SAMPLE_NAME else portable_path(data_dir)
+    return metrics_from_probs(probs, labels, len(lm.classes)).accuracy, f"{ds.name} test split ({len(labels)} images from {where})"
 
 
 @dataclass

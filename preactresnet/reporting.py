@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import sys
 from pathlib import Path
 
@@ -14,12 +15,14 @@ from PIL import Image, ImageOps
 
 from . import plots
 from .checkpoint import CheckpointError
-from .data import BatchAugment, DataError, TensorLoader, load_dataset
+from .data import BatchAugment, DataError, load_dataset
+from .data.sources import SAMPLE_NAME
 from .data.trees import IMAGE_EXTENSIONS
-from .hub import WEIGHTS_NAME, resolve_pretrained
+from .hub import CONFIG_NAME, WEIGHTS_NAME, bundled_folder, is_bundled, resolve_pretrained
 from .inference import (
     LoadedModel,
     calibration,
+    eval_loader,
     load_model,
     metrics_from_probs,
     predict_probs,
@@ -29,18 +32,25 @@ from .inference import (
 from .system import resolve_amp, resolve_device, tune_malloc
 
 
-def eval_loader(lm: LoadedModel, images, labels, device, batch_size: int, amp_dtype) -> TensorLoader:
-    # Normalization comes from the checkpoint, never from the data being evaluated.
-    tf = BatchAugment(None, lm.mean, lm.std, amp_dtype or torch.float32, channels_last=True)
-    return TensorLoader(images, labels, batch_size, train=False, transform=tf, device=device)
-
-
 def weights_path(args: argparse.Namespace, ema: bool = False) -> Path:
+    """--pretrained, else --checkpoint, else the newest run's; with nothing trained yet, the bundled weights."""
     if args.pretrained:
         if args.checkpoint:
             raise CheckpointError("pass --checkpoint or --pretrained, not both")
         return resolve_pretrained(args.pretrained) / WEIGHTS_NAME
+    if args.checkpoint is None and not ema and not list(Path(args.checkpoint_dir).glob("*/best.safetensors")):
+        path = bundled_folder() / WEIGHTS_NAME
+        print(f"nothing trained under {args.checkpoint_dir}/ yet: using the bundled weights, {bundled_summary()} "
+              "(pass --checkpoint for your own)", file=sys.stderr)
+        return path
     return resolve_checkpoint(args.checkpoint, args.checkpoint_dir, ema)
+
+
+def bundled_summary() -> str:
+    """One phrase naming the bundled model and its measured accuracy."""
+    config = json.loads((bundled_folder() / CONFIG_NAME).read_text())
+    width = config["model_args"].get("width_mult", 1.0)
+    return f"{config['model']} x{width:g}, {config['test_accuracy']:.2f}% on the CIFAR-10 test set"
 
 
 class _DataCache:
@@ -75,7 +85,10 @@ def run_test(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     amp_dtype = resolve_amp(args.amp, device)
     lm = load_model(weights_path(args, ema=args.ema), device)
-    ds, data_dir = _DataCache(args.data_dir, args.download).get(lm)
+    bundled = is_bundled(lm.path) and not args.data_dir
+    if bundled:
+        print("evaluating the bundled weights on the bundled 2,000-image sample (--data-dir DIR for the full test set)", file=sys.stderr)
+    ds, data_dir = _DataCache(SAMPLE_NAME if bundled else args.data_dir, args.download).get(lm)
     loader = eval_loader(lm, ds.test_images, ds.test_labels, device, args.batch_size, amp_dtype)
     probs, labels = predict_probs(lm.model, loader, "none", amp_dtype)
     plain = metrics_from_probs(probs, labels, len(lm.classes))

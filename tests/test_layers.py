@@ -9,7 +9,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "preactresnet"
 HIGH = ("preactresnet.training", "preactresnet.reporting", "preactresnet.cli")  # the top: what runs a command
 LOW = ("preactresnet.models", "preactresnet.data", "preactresnet.fileio", "preactresnet.system", "preactresnet.checkpoint",
-       "preactresnet.evaluation", "preactresnet.whitening", "preactresnet.distributed", "preactresnet.plots")
+       "preactresnet.evaluation", "preactresnet.whitening", "preactresnet.distributed", "preactresnet.plots", "preactresnet.pretrained")
 
 
 def module_name(path: Path) -> str:

@@ -34,13 +34,14 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     name = fn.__name__
 
     def factory(**kwargs):
+        pretrained = kwargs.get("pretrained")
         for key in _TIMM_KWARGS:
-            if key == "pretrained" and kwargs.get(key):
-                raise ValueError(
-                    f"{name}: pretrained=True is not supported through create_model; "
-                    "use preactresnet.from_pretrained(PATH_OR_REPO) instead"
-                )
             kwargs.pop(key, None)
+        if pretrained:  # True: the bundled weights; a str: a pretrained folder or Hub repo id
+            from ..pretrained import load_strict, pretrained_state  # lazy: building a net reads no files
+
+            state, meta = pretrained_state(name, pretrained, kwargs)
+            return load_strict(fn(**meta["model_args"]), state, f"pretrained={pretrained!r}").eval()
         return fn(**kwargs)
 
     factory.__name__ = name
@@ -61,7 +62,9 @@ def list_models() -> list[str]:
 
 
 def create_model(name: str, **overrides) -> nn.Module:
-    """Build a registered model by name; keyword arguments override the factory's defaults."""
+    """Build a registered model by name; keyword arguments override the factory's defaults.
+    pretrained=True loads the weights bundled with the package (a narrow preactresnet18), offline;
+    pretrained="PATH_OR_REPO_ID" an exported folder or Hugging Face Hub repo; either comes in eval mode."""
     key = check_model_name(name, "model")
     try:
         return _MODELS[key](**overrides)

@@ -24,7 +24,7 @@ from .data.sources import SAMPLE_NAME
 from .fileio import atomic_write, first_line
 from .inference import accuracy_on, load_model
 from .pretrained import (
-    BUNDLED, BUNDLED_DIR, CARD_NAME, CONFIG_NAME, HUB_FILES, WEIGHTS_NAME, bundled_folder, is_bundled, resolve_pretrained,
+    BUNDLED, BUNDLED_DIR, CARD_NAME, CONFIG_NAME, HUB_FILES, WEIGHTS_NAME, bundled_folder, is_bundled, load_strict, resolve_pretrained,
 )
 
 __all__ = ["BUNDLED", "BUNDLED_DIR", "CONFIG_NAME", "HUB_FILES", "WEIGHTS_NAME", "bundled_folder", "export", "from_pretrained",
@@ -199,9 +199,5 @@ def load_pretrained_into(model: nn.Module, model_name: str, spec: str) -> str:
     for k in head:
         state.pop(k)
         state[k] = own[k]  # keep the freshly initialized head for the new classes
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        first = next((ln.strip() for ln in str(err).splitlines() if ln.strip() and "Error" not in ln), str(err))
-        raise CheckpointError(f"--pretrained {spec} does not fit this {model_name} ({first}); check --width-mult") from None
+    load_strict(model, state, f"--pretrained {spec}", fix="check --width-mult")
     return f"loaded pretrained weights from {folder}" + (" (new classifier head for the new classes)" if head else "")

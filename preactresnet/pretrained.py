@@ -75,11 +75,12 @@ def pretrained_state(name: str, spec: str | bool, overrides: dict) -> tuple[dict
     return state, meta
 
 
-def load_strict(model: nn.Module, state: dict, where: str) -> nn.Module:
-    """Load every tensor (fp16 weights land in the fp32 model); a missing or extra one is a one-line error."""
+def load_strict(model: nn.Module, state: dict, where: str, fix: str = "") -> nn.Module:
+    """Load every tensor (fp16 weights land in the fp32 model); a missing, extra or misshapen one is a
+    one-line error naming `where` the weights came from and, if given, the `fix`."""
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         first = next((ln.strip() for ln in str(err).splitlines() if ln.strip() and "Error" not in ln), first_line(err))
-        raise CheckpointError(f"{where} does not fit {type(model).__name__} ({first})") from None
+        raise CheckpointError(f"{where} does not fit this {type(model).__name__} ({first})" + (f"; {fix}" if fix else "")) from None
     return model

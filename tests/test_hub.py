@@ -106,6 +106,9 @@ def test_fine_tuning_start_and_model_check(run_checkpoint, tmp_path):
     assert torch.equal(fresh.stem.weight, model.stem.weight)
     with pytest.raises(CheckpointError, match="not resnext29_32x4d"):
         load_pretrained_into(create_model("resnext29_32x4d", width_mult=0.125), "resnext29_32x4d", str(out))
+    with pytest.raises(CheckpointError, match="does not fit this PreActResNet .*size mismatch.*; check --width-mult") as err:
+        load_pretrained_into(create_model("preactresnet18", width_mult=0.25), "preactresnet18", str(out))
+    assert "\n" not in str(err.value)
 
 
 def test_torch_hub_load(run_checkpoint, tmp_path):

@@ -25,12 +25,18 @@ def _newest(paths: list[Path]) -> Path | None:
     return max(paths, key=lambda p: p.stat().st_mtime) if paths else None
 
 
+def newest_run_weights(checkpoint_dir: str | Path, name: str = "best.safetensors") -> Path | None:
+    """The newest run's `name` under checkpoint_dir, or None where nothing is trained there yet."""
+    root = Path(checkpoint_dir)
+    return _newest(list(root.glob(f"*/{name}"))) if root.is_dir() else None
+
+
 def resolve_checkpoint(spec: str | None, checkpoint_dir: str | Path = "checkpoints", ema: bool = False) -> Path:
     """A .safetensors file, a run folder, a run name, a pretrained folder, or None for the newest run."""
     name = "ema.safetensors" if ema else "best.safetensors"
     root = Path(checkpoint_dir)
     if spec is None:
-        found = _newest(list(root.glob(f"*/{name}"))) if root.is_dir() else None
+        found = newest_run_weights(root, name)
         if found is None:
             raise CheckpointError(f"no {name} under {root}/; train first (make demo) or pass --checkpoint PATH")
         return found

@@ -25,6 +25,7 @@ from .inference import (
     eval_loader,
     load_model,
     metrics_from_probs,
+    newest_run_weights,
     predict_probs,
     resolve_checkpoint,
     tta_views,
@@ -38,11 +39,12 @@ def weights_path(args: argparse.Namespace, ema: bool = False) -> Path:
         if args.checkpoint:
             raise CheckpointError("pass --checkpoint or --pretrained, not both")
         return resolve_pretrained(args.pretrained) / WEIGHTS_NAME
-    if args.checkpoint is None and not ema and not list(Path(args.checkpoint_dir).glob("*/best.safetensors")):
-        path = bundled_folder() / WEIGHTS_NAME
-        print(f"nothing trained under {args.checkpoint_dir}/ yet: using the bundled weights, {bundled_summary()} "
-              "(pass --checkpoint for your own)", file=sys.stderr)
-        return path
+    if args.checkpoint is None and not ema:
+        found = newest_run_weights(args.checkpoint_dir)
+        if found is None:
+            print(f"nothing trained under {args.checkpoint_dir}/ yet: using the bundled weights, {bundled_summary()} "
+                  "(pass --checkpoint for your own)", file=sys.stderr)
+        return found or bundled_folder() / WEIGHTS_NAME
     return resolve_checkpoint(args.checkpoint, args.checkpoint_dir, ema)
 
 

@@ -8,7 +8,10 @@ EMA where the run has them); from those the number of steps that fit is chosen, 
 (epochs and total_steps), and the trainer starts over from the state it was built in (weights, data
 position, random streams; a fresh optimizer, schedule and EMA). The calibration steps are
 therefore discarded, and a run given the same epochs and total_steps explicitly computes the same numbers.
-A resumed run keeps its saved choice and is never calibrated again.
+A few seconds of timing can be 10-15% off on a CPU whose speed drifts, so each epoch that ends inside the
+warmup refits the plan from the run's own measured seconds per step and per evaluation (`refit`): the
+warmup does not depend on the plan, so the run is still the one those epochs and steps give explicitly.
+A resumed run keeps its saved choice and is never calibrated or refitted again.
 """
 
 from __future__ import annotations
@@ -89,6 +92,21 @@ def plan(budget_seconds: float, steps_per_epoch: int, cal: Calibration) -> Budge
         steps = int((budget_seconds - epochs * cal.eval_seconds) / cal.seconds_per_step)
     steps = min(steps, epochs * steps_per_epoch)
     return BudgetPlan(budget_seconds, epochs, steps, steps_per_epoch, cal)
+
+
+def refit(budget_seconds: float, steps_per_epoch: int, cal: Calibration, steps_done: int) -> BudgetPlan:
+    """The plan again from a speed measured during the run, never ending before the steps already taken."""
+    if budget_seconds >= steps_per_epoch * cal.seconds_per_step + cal.eval_seconds:
+        fitted = plan(budget_seconds, steps_per_epoch, cal)
+        if fitted.total_steps >= steps_done:
+            return fitted
+    return BudgetPlan(budget_seconds, math.ceil(steps_done / steps_per_epoch), steps_done, steps_per_epoch, cal)
+
+
+def measured(trainer, stats, eval_seconds: float) -> Calibration:
+    """An epoch's own seconds per step and evaluation (under torchrun the slowest rank's, so all plan alike)."""
+    per_step, evaluation = all_reduce_max([stats.seconds / max(stats.steps, 1), eval_seconds], trainer.dist)
+    return Calibration(per_step, evaluation, trainer.cfg.batch_size)
 
 
 def calibrate(trainer, seconds_wanted: float = MIN_TIMED_SECONDS) -> Calibration:

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from test_training import interrupt_at, run_args, trainer
 
 import preactresnet.budget as budget
+import preactresnet.training.parts as parts
 from preactresnet.budget import BudgetPlan, Calibration, parse_duration, plan
 from preactresnet.checkpoint import load_state
 from preactresnet.cli import main_train
@@ -91,6 +92,40 @@ def test_budget_run_equals_explicit_steps_and_resumes_without_recalibrating(tmp_
     rows = list(csv.DictReader(open(tmp_path / "runs" / "cut" / "metrics.csv")))
     assert [r["step"] for r in rows] == ["4", "8", "9"] and rows[-1]["budget_total_steps"] == "9"
     assert float(rows[0]["time_budget_s"]) == 15.0 and float(rows[0]["calibrated_images_per_sec"]) == 32.0
+
+
+def test_an_epoch_inside_the_warmup_refits_the_plan_to_the_measured_speed(tmp_path, monkeypatch):
+    """Calibration said 1 s/step; the first epoch (all of it warmup) measured 0.5 s/step and 1 s per evaluation:
+    the plan grows from 5 steps to 12, once, and the run equals one given those epochs and steps explicitly."""
+    calls, seen = [], []
+    _fixed_calibration(monkeypatch, calls)
+
+    def fake_measured(t, stats, eval_seconds):
+        seen.append((t.step, stats.steps))
+        return Calibration(seconds_per_step=0.5, eval_seconds=1.0, batch_size=t.cfg.batch_size)
+
+    monkeypatch.setattr(parts, "measured", fake_measured)
+    common = ["--max-steps-per-epoch", "4", "--deterministic", "--warmup-epochs", "1"]
+    t = trainer(tmp_path, *common, "--time-budget", "9s", "--run-name", "budget")
+    assert (t.cfg.epochs, t.cfg.total_steps) == (2, 5)
+    t.fit()
+    assert seen == [(4, 4)], "refitted once, at the end of the first epoch: the warmup's last step"
+    # 9 s at 0.5 s/step + 1 s/evaluation: 12 steps (3 epochs of 4) and 3 evaluations
+    trainer(tmp_path, *common, "--epochs", "3", "--total-steps", "12", "--run-name", "explicit").fit()
+    ref, got = (load_file(tmp_path / "ck" / run / "last.safetensors") for run in ("explicit", "budget"))
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    state = load_state(tmp_path / "ck" / "budget" / "last.state.pt")
+    assert state["step"] == 12 and state["config"]["total_steps"] == 12
+    rows = list(csv.DictReader(open(tmp_path / "runs" / "budget" / "metrics.csv")))
+    assert [r["step"] for r in rows] == ["4", "8", "12"] and rows[0]["budget_total_steps"] == "12"
+    assert float(rows[0]["calibrated_images_per_sec"]) == 64.0, "the speed the plan now rests on"
+
+
+def test_a_refit_never_ends_before_the_steps_taken():
+    slow = Calibration(10.0, 5.0, 128)  # one epoch of 78 steps takes 785 s here: a 60 s budget is spent
+    assert (lambda p: (p.epochs, p.total_steps))(budget.refit(60.0, 78, slow, 78)) == (1, 78)
+    fast = Calibration(0.1, 1.0, 128)
+    assert budget.refit(60.0, 78, fast, 78).total_steps == plan(60.0, 78, fast).total_steps > 78
 
 
 def test_plan_record_names_the_choice():

@@ -163,18 +163,25 @@ def test_process_group_backend_serves_cpu_and_cuda_tensors(monkeypatch):
 def _budgeted(rank, argv):
     import preactresnet.budget as budget
 
+    import preactresnet.training.parts as parts
+
     budget.MIN_TIMED_SECONDS = 0.5  # the same calibration, shorter: the test checks agreement, not its precision
     t = _build(argv)
-    plan = (t.cfg.epochs, t.cfg.total_steps)
+    plan, step, measured, refits = (t.cfg.epochs, t.cfg.total_steps), t._step, parts.measured, []
+    if rank == 1:  # rank 1 runs slower once training begins: the refit after epoch 1 must still agree
+        t._step = lambda x, y: (time.sleep(0.05), step(x, y))[1]
+    parts.measured = lambda *a: refits.append(measured(*a)) or refits[-1]
     t.fit()
-    return plan, t.step
+    return plan, refits, (t.cfg.epochs, t.cfg.total_steps), t.step
 
 
 def test_time_budget_under_torchrun_plans_once_for_all_ranks(tmp_path):
-    argv = [*COMMON, *outputs(tmp_path), "--batch-size", "16"]
+    argv = [*COMMON, *outputs(tmp_path), "--batch-size", "16", "--warmup-epochs", "1"]  # epoch 1 refits the plan
     del argv[argv.index("--epochs"):argv.index("--epochs") + 2]  # the budget chooses them
-    (plan0, steps0), (plan1, steps1) = run_ranks(_budgeted, 2, [*argv, "--time-budget", "4s"], timeout=90)
-    assert plan0 == plan1 and steps0 == steps1 == plan0[1] >= 5
+    ranks = run_ranks(_budgeted, 2, [*argv, "--time-budget", "4s"], timeout=90)
+    (first0, refits0, final0, steps0), (first1, refits1, final1, steps1) = ranks
+    assert first0 == first1 and final0 == final1 and steps0 == steps1 == final0[1] >= 5, ranks
+    assert len(refits0) == 1 and refits0 == refits1, "one refit, from the same (slowest) measured speed on both"
 
 
 def _fit_until_stopped(t):

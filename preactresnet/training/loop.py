@@ -42,6 +42,7 @@ class Trainer(Parts, State, RunLog):
         self._build_optimization()
         self.meta = self._weights_meta()
         self.budget = run.budget  # --time-budget's calibration and choice, logged with every epoch
+        self.refitting = False  # whether the epochs ending inside the warmup refit the budget's plan
         self.precision_line = (run.precision or {}).get("line")  # why --amp/--muon-ns-dtype auto chose what it did
         self.writer, self.stop = NullWriter(), StopFlag()
         self.agreement = Agreement(self.dist)  # when the ranks compare their stop flags
@@ -70,18 +71,21 @@ class Trainer(Parts, State, RunLog):
         return None if self.cfg.progress and self.dist.is_main else True
 
     def fit(self) -> dict:
-        cfg = self.cfg
         self._announce()
         self._open_outputs()
-        epochs = tqdm(range(self.start_epoch, cfg.epochs), desc="epochs", disable=self._bars, initial=self.start_epoch, total=cfg.epochs)
-        final: EvalResult | None = None
+        epoch, final = self.start_epoch, None
+        epochs = tqdm(desc="epochs", disable=self._bars, initial=epoch, total=self.cfg.epochs)
         self._sync_debug()
         try:
             with self.stop:
-                for epoch in epochs:
+                while epoch < self.cfg.epochs:  # read after each epoch: a time budget's refit may change it
                     final = self.run_epoch(epoch)
+                    epoch += 1
+                    epochs.total = self.cfg.epochs
+                    epochs.update(1)
                     epochs.set_postfix(test_acc=f"{final.accuracy:.2f}")
         finally:
+            epochs.close()
             if self.cfg.sync_debug and self.device.type == "cuda":
                 torch.cuda.set_sync_debug_mode(0)  # the process may go on (a notebook, the tests): no warnings left on
         self.writer.close()
@@ -113,7 +117,9 @@ class Trainer(Parts, State, RunLog):
         except EvaluationStopped:  # saved as "the epoch's steps done": a resume evaluates it again
             self.carried, self.stop.stop = stats, True
             self._save_and_stop(epoch)
-        row = self.log_epoch(epoch, stats, results, epoch_start, eval_seconds=time.perf_counter() - eval_start)
+        eval_seconds = time.perf_counter() - eval_start
+        self.refit_budget(stats, eval_seconds)
+        row = self.log_epoch(epoch, stats, results, epoch_start, eval_seconds=eval_seconds)
         self.checkpoint_epoch(epoch, results)
         self._print_epoch(epoch, row, results)
         return results.test

@@ -14,14 +14,14 @@ import torch
 import torch.nn as nn
 from timm.loss import SoftTargetCrossEntropy
 
-from ..budget import fit_to_budget
+from ..budget import fit_to_budget, measured, refit
 from ..checkpoint import WeightsMeta, portable_path
-from ..config import TrainConfig
+from ..config import TrainConfig, parse_duration
 from ..data import BatchAugment, TensorLoader, load_dataset
 from ..distributed import Agreement, all_reduce_sum, wait_for_data
 from ..hub import load_pretrained_into
 from ..models import create_model
-from ..optim import build_ema, build_mixup, build_optimizer, build_scheduler
+from ..optim import build_ema, build_mixup, build_optimizer, build_scheduler, warmup_steps
 from ..system import (
     apply_process_settings, machine_description, resolve_amp, resolve_device, rng_state, seed_everything, set_deterministic, set_rng_state, tune_malloc,
 )
@@ -179,6 +179,28 @@ class Parts:
         self.total_steps, self.step, self.budget = choice.total_steps, 0, choice.as_record()
         self.agreement = Agreement(self.dist)
         self._build_optimization()  # a fresh optimizer, schedule (sized for the plan), scaler and EMA
+        self.refitting = True  # until the warmup ends (budget.refit)
+
+    def refit_budget(self, stats, eval_seconds: float) -> None:
+        """At the end of an epoch inside the warmup, fit the plan again to this run's measured speed. The
+        steps taken so far followed the warmup, the same under any plan that does not cut it short, so the
+        run stays the one its final epochs and total_steps give explicitly; only the schedule's decay moves."""
+        cfg, warmup = self.cfg, warmup_steps(self.cfg, self.steps_per_epoch)
+        if not self.refitting or self.step > warmup or self.step >= self.total_steps:
+            self.refitting = False
+            return
+        was = self.budget["calibrated_images_per_sec"]
+        cal = measured(self, stats, eval_seconds)
+        choice = refit(parse_duration(cfg.time_budget), self.steps_per_epoch, cal, self.step)
+        new_cfg = dataclasses.replace(cfg, epochs=choice.epochs, total_steps=choice.total_steps)
+        if warmup_steps(new_cfg, self.steps_per_epoch) != warmup:  # a plan that would cut the warmup: keep the old
+            return
+        self.cfg, self.total_steps, self.budget = new_cfg, choice.total_steps, choice.as_record()
+        self.scheduler = build_scheduler(new_cfg, self.optimizer, self.steps_per_epoch, self.lr_scale)
+        self.scheduler.step_update(num_updates=self.step)  # the learning rate of the next step, as before
+        self.out(f"time budget {cfg.time_budget}: this run measured {cal.images_per_sec:.0f} images/s and "
+                 f"{cal.eval_seconds:.1f}s per evaluation (calibration: {was:.0f} images/s), so {choice.total_steps} "
+                 f"steps ({choice.total_steps / self.steps_per_epoch:.2f} epochs) in all")
 
     def _sync_debug(self) -> None:
         """--sync-debug: CUDA warns at each host synchronization (logging, epoch ends and checkpoints have some)."""

@@ -6,6 +6,7 @@ import csv
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from test_training import interrupt_at, run_args, trainer
 
@@ -116,6 +117,8 @@ def test_an_epoch_inside_the_warmup_refits_the_plan_to_the_measured_speed(tmp_pa
     assert all(torch.equal(ref[k], got[k]) for k in ref)
     state = load_state(tmp_path / "ck" / "budget" / "last.state.pt")
     assert state["step"] == 12 and state["config"]["total_steps"] == 12
+    saved = yaml.safe_load((tmp_path / "ck" / "budget" / "config.yaml").read_text())
+    assert (saved["epochs"], saved["total_steps"]) == (3, 12), "config.yaml (read by export) gives the refitted plan"
     rows = list(csv.DictReader(open(tmp_path / "runs" / "budget" / "metrics.csv")))
     assert [r["step"] for r in rows] == ["4", "8", "12"] and rows[0]["budget_total_steps"] == "12"
     assert float(rows[0]["calibrated_images_per_sec"]) == 64.0, "the speed the plan now rests on"

@@ -198,6 +198,7 @@ class Parts:
         self.cfg, self.total_steps, self.budget = new_cfg, choice.total_steps, choice.as_record()
         self.scheduler = build_scheduler(new_cfg, self.optimizer, self.steps_per_epoch, self.lr_scale)
         self.scheduler.step_update(num_updates=self.step)  # the learning rate of the next step, as before
+        self.write_config()  # export and the model card read the plan from it
         self.out(f"time budget {cfg.time_budget}: this run measured {cal.images_per_sec:.0f} images/s and "
                  f"{cal.eval_seconds:.1f}s per evaluation (calibration: {was:.0f} images/s), so {choice.total_steps} "
                  f"steps ({choice.total_steps / self.steps_per_epoch:.2f} epochs) in all")

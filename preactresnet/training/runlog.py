@@ -150,11 +150,17 @@ class RunLog:
             return
         from torch.utils.tensorboard import SummaryWriter  # noqa: I001  (lazy: TensorBoard is heavy; rank 0 only)
 
+        self.write_config()
+        self._write_augmented_grid()
+        self.writer = SummaryWriter(str(self.dirs.logs), purge_step=self.step if self.step else None)
+
+    def write_config(self) -> None:
+        """checkpoints/<run>/config.yaml: the run's settings as they stand (a time budget's refit rewrites it)."""
+        if not self.dist.is_main:
+            return
         self.dirs.checkpoints.mkdir(parents=True, exist_ok=True)
         text = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
         atomic_write(self.dirs.checkpoints / "config.yaml", lambda tmp: tmp.write_text(text))
-        self._write_augmented_grid()
-        self.writer = SummaryWriter(str(self.dirs.logs), purge_step=self.step if self.step else None)
 
     def _write_csv(self) -> None:
         self.dirs.logs.mkdir(parents=True, exist_ok=True)

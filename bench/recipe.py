@@ -68,6 +68,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "wd1e-3": ("weight decay 1e-3", ["--weight-decay", "1e-3"]),
     "wd2e-4": ("weight decay 2e-4", ["--weight-decay", "2e-4"]),
     "wd5e-3": ("weight decay 5e-3 (Muon and AdamW decay by lr x wd per step)", ["--weight-decay", "5e-3"]),
+    "wd1e-2": ("weight decay 1e-2", ["--weight-decay", "1e-2"]),
     "wd2e-2": ("weight decay 2e-2", ["--weight-decay", "2e-2"]),
     "pad4": ("crop padding 4", ["--crop-padding", "4"]),
     "muon": ("Muon for conv weights (AdamW for the rest), lr 0.02", ["--optimizer", "muon", "--lr", "0.02", "--warmup-lr", "0.002"]),

@@ -132,16 +132,19 @@ def ns_dtype_name(cfg: TrainConfig) -> str:
     return "bf16" if cfg.muon_ns_dtype == "auto" else cfg.muon_ns_dtype
 
 
+def run_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """The run's length in optimizer steps: --total-steps, else epochs x steps per epoch."""
+    return cfg.total_steps or cfg.epochs * steps_per_epoch
+
+
 def warmup_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
     """The warmup's length in steps: --warmup-epochs, cut short only where the whole run is shorter."""
-    total = cfg.total_steps or cfg.epochs * steps_per_epoch
-    return min(int(round(cfg.warmup_epochs * steps_per_epoch)), total - 1)
+    return min(int(round(cfg.warmup_epochs * steps_per_epoch)), run_steps(cfg, steps_per_epoch) - 1)
 
 
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, lr_scale: float = 1):
     """Linear warmup from warmup_lr to lr, then cosine (or linear) decay to min_lr, counted in steps."""
-    total = cfg.total_steps or cfg.epochs * steps_per_epoch
-    warmup = warmup_steps(cfg, steps_per_epoch)
+    total, warmup = run_steps(cfg, steps_per_epoch), warmup_steps(cfg, steps_per_epoch)
     common = dict(
         t_initial=max(1, total - warmup),
         lr_min=cfg.min_lr * lr_scale,

@@ -21,7 +21,7 @@ from ..data import BatchAugment, TensorLoader, load_dataset
 from ..distributed import Agreement, all_reduce_sum, wait_for_data
 from ..hub import load_pretrained_into
 from ..models import create_model
-from ..optim import build_ema, build_mixup, build_optimizer, build_scheduler, warmup_steps
+from ..optim import build_ema, build_mixup, build_optimizer, build_scheduler, run_steps, warmup_steps
 from ..system import (
     apply_process_settings, machine_description, resolve_amp, resolve_device, rng_state, seed_everything, set_deterministic, set_rng_state, tune_malloc,
 )
@@ -112,7 +112,7 @@ class Parts:
         self.steps_per_epoch = len(self.train_loader)
         if cfg.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
-        self.total_steps = cfg.total_steps or cfg.epochs * self.steps_per_epoch
+        self.total_steps = run_steps(cfg, self.steps_per_epoch)
         check_total_steps(cfg.total_steps, cfg.epochs, self.steps_per_epoch)
 
     def _build_model(self, fresh: bool) -> None:

@@ -12,8 +12,18 @@ from preactresnet.data import cache as cache_mod
 from preactresnet.data import sources
 
 
+def test_channel_stats_equal_the_float64_mean_and_std():
+    x = torch.randint(0, 256, (301, 3, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    x[:, 2] //= 3  # channels of different spread
+    mean, std = cache_mod.channel_stats(x)
+    xf = x.to(torch.float64) / 255
+    assert mean == tuple(round(v, 4) for v in xf.mean(dim=(0, 2, 3)).tolist())
+    assert std == tuple(round(v, 4) for v in xf.std(dim=(0, 2, 3), unbiased=False).tolist())
+
+
 # --- real data -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_shared_archive_full_cifar10(shared_archive, shared_cache, monkeypatch):
     cache, ds = shared_cache
     assert ds.train_images.shape == (50_000, 3, 32, 32) and ds.train_images.dtype == torch.uint8
@@ -31,6 +41,7 @@ def test_shared_archive_full_cifar10(shared_archive, shared_cache, monkeypatch):
     assert torch.equal(again.train_images, ds.train_images) and torch.equal(again.test_labels, ds.test_labels)
 
 
+@pytest.mark.slow
 def test_cache_matches_direct_decode(shared_archive, shared_cache):
     from PIL import Image
 

@@ -112,6 +112,7 @@ def test_ema_warmup_starts_fast():
     assert build_ema(TrainConfig(ema=False), model) is None
 
 
+@pytest.mark.slow
 def test_resume_is_exact_with_every_technique(tmp_path):
     common = ["--epochs", "2", "--max-steps-per-epoch", "3", "--deterministic", "--alt-flip", "--whiten-stem",
               "--ema", "--ema-warmup", "--schedule", "linear", "--bn-lr-scale", "2", "--optimizer", "muon",
@@ -163,14 +164,30 @@ def test_bad_technique_settings_are_one_line_errors(tmp_path, capsys):
         assert exc.value.code == 2 and message in err and err.count("\n") == 1, err
 
 
+@pytest.mark.slow
 def test_recipe_ablation_writes_rows_and_a_table(tmp_path, capsys, monkeypatch):
-    """bench/recipe.py's own main, in this process (each row's train.py still runs in its own)."""
+    """bench/recipe.py's own main, each row's train.py command run by train.py's main in this process (a new
+    interpreter per row would add seconds of imports; tests/test_demo.py runs train.py in its own)."""
+    import contextlib
     import importlib.util
+    import io
+    import subprocess
 
     spec = importlib.util.spec_from_file_location("bench_recipe", ROOT / "bench" / "recipe.py")
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
     monkeypatch.chdir(ROOT)
+
+    def run(cmd, **kwargs):
+        from preactresnet.cli import main_train
+
+        assert cmd[1] == str(ROOT / "train.py") and kwargs == {"capture_output": True, "text": True}
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            main_train(cmd[2:])
+        return subprocess.CompletedProcess(cmd, 0, printed.getvalue(), "")
+
+    monkeypatch.setattr(recipe.subprocess, "run", run)
     out = tmp_path / "r.jsonl"
     recipe.main(["--config", str(ROOT / "configs" / "demo.yaml"), "--seeds", "0", "--rows", "recipe,+ema", "--out",
                  str(out), "--workdir", str(tmp_path / "w"), "--extra", "--epochs", "1", "--max-steps-per-epoch", "2",

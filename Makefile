@@ -18,9 +18,9 @@ install: $(STAMP)
 demo: $(STAMP)  ## the best narrow PreActResNet18 that 70 s of training on the bundled sample allow, on any machine
 	$(BIN)/python train.py --config configs/demo.yaml --time-budget 70s
 
-test: $(STAMP)  ## the whole test suite (needs ../shared/data/cifar10-jpeg.tar.gz or CIFAR10_JPEG for the real-data tests)
+test: $(STAMP)  ## the whole test suite, one worker per core (needs ../shared/data/cifar10-jpeg.tar.gz or CIFAR10_JPEG for the real-data tests)
 	@# pytest exits 5 when it collects no tests: report it, but it is no failure of the code
-	$(BIN)/python -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+	$(BIN)/python -m pytest -n auto --maxschedchunk 1; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 bench: $(STAMP)  ## the benchmarks written into BENCHMARKS.md
 	$(BIN)/python bench/augment.py

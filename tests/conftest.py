@@ -7,12 +7,33 @@ import os
 import tarfile
 from pathlib import Path
 
+try:
+    import fcntl  # POSIX: a lock for the workers of one run; elsewhere each worker decodes on its own
+except ImportError:
+    fcntl = None
 import numpy as np
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_ARCHIVE = Path(os.environ.get("CIFAR10_JPEG", ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"))
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test`: one worker per core) each worker and what it launches gets its share of the
+    cores: torch's default of one thread per core in every worker would put n x n threads on n cores."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # train.py and torchrun launched by tests inherit it
+        torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first: workers that take tests as they finish then end together (the longest last would
+    leave one worker running it alone)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")
@@ -28,11 +49,17 @@ def shared_archive() -> Path:
 
 @pytest.fixture(scope="session")
 def shared_cache(shared_archive, tmp_path_factory):
-    """The real archive decoded once per session: (cache folder, dataset)."""
+    """The real archive decoded once per test run: (cache folder, dataset). Under pytest-xdist the first worker
+    that needs it decodes it, and the others wait for its cache and read it."""
     from preactresnet.data import load_dataset
 
-    cache = tmp_path_factory.mktemp("shared-cache")
-    return cache, load_dataset("cifar10", shared_archive, cache_dir=cache)
+    root = tmp_path_factory.getbasetemp()
+    cache = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "shared-cache"  # the run's, not the worker's
+    cache.mkdir(exist_ok=True)
+    with open(cache / ".lock", "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        return cache, load_dataset("cifar10", shared_archive, cache_dir=cache)
 
 
 @pytest.fixture(scope="session")
@@ -90,6 +117,15 @@ def png_bytes(img: torch.Tensor) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img.permute(1, 2, 0).numpy()).save(buf, format="PNG")
     return buf.getvalue()
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    """A test that applies a profile or times thread counts leaves the worker's own thread count as it found it."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -21,8 +21,9 @@ def test_report_on_cpu():
         assert any("no CUDA GPU" in w for w in warnings)
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def rows():
+    """One quick measurement shared by the tests below, which each check a different property of it."""
     return measure("preactresnet18", 8, CPU, quick=True, width_mult=0.125, out=lambda *a: None)
 
 

@@ -31,6 +31,7 @@ def trainer(tmp_path, *extra):
     return Trainer.from_config(cfg, explicit, out=lambda *a: None)
 
 
+@pytest.mark.slow
 def test_end_to_end_on_the_sample(tmp_path):
     t = trainer(tmp_path, "--epochs", "2", "--max-steps-per-epoch", "40", "--optimizer", "sgd", "--lr", "0.1",
                 "--mix-prob", "0", "--run-name", "e2e")
@@ -65,6 +66,7 @@ def interrupt_at(t, step, sig=signal.SIGINT, times=1):
     t.scheduler.step_update = step_update
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path):
     common = ["--epochs", "2", "--max-steps-per-epoch", "3", "--deterministic", "--ema", "--drop-rate", "0.2"]
     trainer(tmp_path, *common, "--run-name", "straight").fit()

@@ -109,6 +109,7 @@ class TrainConfig:
     checkpoint_dir: str = setting("checkpoints", R, "where run folders with checkpoints go")
     log_dir: str = setting("runs", R, "where TensorBoard logs and metrics.csv go")
     fig_dir: str = setting("fig", R, "where figures go")
+    figures: bool = setting(True, R, "write the figures (augmented batch, training curves); --no-figures for sweeps and smoke tests")
     log_interval: int = setting(50, R, "steps between training-loss logs")
     progress: bool = setting(True, R, "progress bars (drawn on a terminal only, never into a log file)")
     tta: str = setting("flip", R, "TTA reported beside the plain test accuracy at the end: none | flip | flip-translate")
@@ -186,7 +187,7 @@ class TrainConfig:
 # Settings a resumed run may change: they alter speed or output, never the numbers it computes.
 RESUMABLE_OVERRIDES = {
     "device", "threads", "progress", "log_interval", "resume", "compile", "data_dir", "download", "profile", "sync_debug",
-    "tta",  # the end-of-run figure only: training is the same
+    "figures", "tta",  # the end-of-run figure only: training is the same
 }
 
 

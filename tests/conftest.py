@@ -13,7 +13,6 @@ except ImportError:
     fcntl = None
 import numpy as np
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_ARCHIVE = Path(os.environ.get("CIFAR10_JPEG", ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"))
@@ -24,6 +23,8 @@ def pytest_configure(config):
     cores: torch's default of one thread per core in every worker would put n x n threads on n cores."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
+        import torch  # in the workers only: the xdist controller never imports torch
+
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         threads = max(1, cores // workers)
         os.environ["OMP_NUM_THREADS"] = str(threads)  # train.py and torchrun launched by tests inherit it
@@ -31,9 +32,14 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The slow tests first: workers that take tests as they finish then end together (the longest last would
-    leave one worker running it alone)."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The slow tests first, longest first (`slow(seconds)`: about what it takes under `make test`): workers that
+    take tests as they finish then end together, where the longest last would leave one worker running it alone."""
+
+    def seconds(item):
+        mark = item.get_closest_marker("slow")
+        return mark.args[0] if mark and mark.args else (5 if mark else 0)
+
+    items.sort(key=seconds, reverse=True)
 
 
 @pytest.fixture(scope="session")
@@ -105,6 +111,8 @@ def write_official(root: Path, train_x, train_y, test_x, test_y, classes) -> Pat
 @pytest.fixture()
 def small_real(sample_dataset):
     """40 training and 20 test real images (4 and 2 per class) as tensors."""
+    import torch
+
     ds = sample_dataset
     tr = torch.cat([(ds.train_labels == c).nonzero().flatten()[:4] for c in range(10)])
     te = torch.cat([(ds.test_labels == c).nonzero().flatten()[:2] for c in range(10)])
@@ -122,6 +130,8 @@ def png_bytes(img: torch.Tensor) -> bytes:
 @pytest.fixture(autouse=True)
 def keep_threads():
     """A test that applies a profile or times thread counts leaves the worker's own thread count as it found it."""
+    import torch
+
     threads = torch.get_num_threads()
     yield
     if torch.get_num_threads() != threads:

@@ -69,7 +69,7 @@ def _fixed_calibration(monkeypatch, calls: list):
     monkeypatch.setattr(budget, "calibrate", fake)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(9)
 def test_budget_run_equals_explicit_steps_and_resumes_without_recalibrating(tmp_path, monkeypatch):
     calls = []
     _fixed_calibration(monkeypatch, calls)
@@ -96,7 +96,7 @@ def test_budget_run_equals_explicit_steps_and_resumes_without_recalibrating(tmp_
     assert float(rows[0]["time_budget_s"]) == 15.0 and float(rows[0]["calibrated_images_per_sec"]) == 32.0
 
 
-@pytest.mark.slow
+@pytest.mark.slow(5)
 def test_an_epoch_inside_the_warmup_refits_the_plan_to_the_measured_speed(tmp_path, monkeypatch):
     """Calibration said 1 s/step; the first epoch (all of it warmup) measured 0.5 s/step and 1 s per evaluation:
     the plan grows from 5 steps to 12, once, and the run equals one given those epochs and steps explicitly."""

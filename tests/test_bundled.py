@@ -24,7 +24,7 @@ def logits(model, x):
         return model.eval()(x)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(6)
 def test_the_bundled_weights_reproduce_their_sample_accuracy():
     meta = read_metadata(BUNDLED_DIR / WEIGHTS_NAME)
     for key in ("command", "seed", "machine", "test_accuracy", "sample_accuracy", "data_description"):
@@ -73,7 +73,7 @@ def test_predict_with_nothing_trained_uses_the_bundled_weights(sample_dataset, t
     assert result["predictions"][0]["top"][0]["class"] in CONFIG["classes"]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(5)
 def test_test_py_bare_pretrained_scores_the_sample_and_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     main_test(["--pretrained", "--json", "--no-figures", "--amp", "off", "--device", "cpu"])
@@ -83,7 +83,7 @@ def test_test_py_bare_pretrained_scores_the_sample_and_says_so(tmp_path, monkeyp
     assert report["total"] == 2000 and abs(report["accuracy"] - CONFIG["sample_accuracy"]) <= 0.1
 
 
-@pytest.mark.slow
+@pytest.mark.slow(7)
 def test_export_of_the_bundled_weights_in_half_precision_records_its_accuracy(tmp_path, capsys):
     main_export(["--pretrained", "--out", str(tmp_path / "half"), "--half", "--data-dir", "sample"])
     assert "measured on the exported weights" in capsys.readouterr().out

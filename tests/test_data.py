@@ -23,7 +23,7 @@ def test_channel_stats_equal_the_float64_mean_and_std():
 
 # --- real data -----------------------------------------------------------------------------------
 
-@pytest.mark.slow
+@pytest.mark.slow(10)
 def test_shared_archive_full_cifar10(shared_archive, shared_cache, monkeypatch):
     cache, ds = shared_cache
     assert ds.train_images.shape == (50_000, 3, 32, 32) and ds.train_images.dtype == torch.uint8
@@ -41,7 +41,6 @@ def test_shared_archive_full_cifar10(shared_archive, shared_cache, monkeypatch):
     assert torch.equal(again.train_images, ds.train_images) and torch.equal(again.test_labels, ds.test_labels)
 
 
-@pytest.mark.slow
 def test_cache_matches_direct_decode(shared_archive, shared_cache):
     from PIL import Image
 

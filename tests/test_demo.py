@@ -29,7 +29,7 @@ def demo_command(budget: str) -> list[str]:
     return [sys.executable, str(ROOT / "train.py"), *[str(ROOT / a) if a.endswith(".yaml") else a for a in args]]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(55)
 def test_demo_starts_and_trains_on_avx2_kernels(tmp_path):
     env = {**os.environ, **AVX2, "PYTHONUNBUFFERED": "1"}
     env.pop("PREACTRESNET_PRECISION_CACHE", None)  # a fresh clone's cache: .preactresnet/ in the working folder

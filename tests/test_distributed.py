@@ -27,7 +27,7 @@ COMMON = [
     "--data-dir", "sample", "--model", "preactresnet18", "--width-mult", "0.125", "--epochs", "1",
     "--max-steps-per-epoch", "3", "--amp", "off", "--no-progress", "--profile", "off", "--deterministic",
     "--crop-padding", "0", "--flip-prob", "0", "--jitter-prob", "0", "--erase-prob", "0", "--mix-prob", "0",
-    "--optimizer", "sgd", "--lr", "0.05", "--warmup-epochs", "0", "--tta", "none",
+    "--optimizer", "sgd", "--lr", "0.05", "--warmup-epochs", "0", "--tta", "none", "--no-figures",
 ]
 
 
@@ -204,7 +204,7 @@ def _budgeted(rank, argv):
     return plan, [(c.seconds_per_step, c.eval_seconds) for c in refits], (t.cfg.epochs, t.cfg.total_steps), t.step
 
 
-@pytest.mark.slow
+@pytest.mark.slow(8)
 def test_time_budget_under_torchrun_plans_once_for_all_ranks(tmp_path):
     argv = [*COMMON, *outputs(tmp_path), "--batch-size", "16", "--warmup-epochs", "1"]  # epoch 1 refits the plan
     del argv[argv.index("--epochs"):argv.index("--epochs") + 2]  # the budget chooses them
@@ -259,7 +259,7 @@ def _torchrun(nproc: int, *args: str, node: tuple[int, int] | None = None) -> li
     return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc_per_node={nproc}", str(ROOT / "train.py"), *args]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(28)
 def test_sigterm_under_torchrun_saves_mid_epoch_and_resumes_bit_identically(tmp_path, capsys):
     """What a cluster does: SIGTERM to the launcher at a random step; both ranks stop at the same step
     within 30 s, rank 0 saves every rank's stream; a 2-process resume matches an unbroken run bit for bit,
@@ -268,7 +268,7 @@ def test_sigterm_under_torchrun_saves_mid_epoch_and_resumes_bit_identically(tmp_
         "--config", str(ROOT / "configs/demo.yaml"), "--epochs", "2", "--max-steps-per-epoch", "12", "--deterministic",
         "--amp", "off", "--muon-ns-dtype", "fp32",  # the same on every CPU kind, and nothing timed per launch
         "--batch-size", "32", "--tta", "none",  # what is checked (where it stops, what is saved, the resume) needs neither
-        "--no-progress", "--profile", "off", "--log-interval", "1", *outputs(tmp_path),
+        "--no-progress", "--profile", "off", "--log-interval", "1", "--no-figures", *outputs(tmp_path),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PREACTRESNET_DIST_TIMEOUT": "30"}
     at = random.randint(2, 10)  # a random step of epoch 1 (12 steps)
@@ -338,13 +338,13 @@ def test_each_nodes_first_process_builds_the_data_before_its_neighbours_read_it(
     assert abs(loads[0][0] - loads[2][0]) < 1.0, "the nodes' first processes build at the same time, not in turn"
 
 
-@pytest.mark.slow
+@pytest.mark.slow(40)
 def test_two_nodes_without_a_shared_folder(tmp_path, monkeypatch):
     """Two torchrun launches (node ranks 0 and 1, two processes each) on the loopback address, each in its own
     folder: each node builds its own data cache, node 0's rank 0 alone writes and reports; the result
     resumes in one process."""
     port, env = free_port(), {**os.environ, "OMP_NUM_THREADS": "1", "PREACTRESNET_DIST_TIMEOUT": "30"}
-    args = [a for a in COMMON if a != "--deterministic"] + ["--batch-size", "8", "--run-name", "nodes"]
+    args = [a for a in COMMON if a != "--deterministic"] + ["--batch-size", "8", "--run-name", "nodes", "--figures"]
     folders = [tmp_path / "node0", tmp_path / "node1"]
     launches = []
     for node, folder in enumerate(folders):
@@ -357,6 +357,7 @@ def test_two_nodes_without_a_shared_folder(tmp_path, monkeypatch):
     found = re.search(r"final test accuracy: ([\d.]+)% \((\d+)/(\d+)\)", done[0][0])
     assert found and int(found[3]) == 2000, "every test image counted once across the 4 ranks"
     assert "final test accuracy" not in done[1][0] and not (folders[1] / "checkpoints").exists()
+    assert (folders[0] / "fig" / "nodes" / "training_curves.png").is_file() and not (folders[1] / "fig").exists()
     for folder in folders:
         assert len(list((folder / "data" / "cache").glob("*.safetensors"))) == 1, f"{folder.name} built no cache of its own"
     state = load_state(folders[0] / "checkpoints" / "nodes" / "last.state.pt")
@@ -394,7 +395,7 @@ def _signal_during_evaluation(rank, argv, seconds_per_batch):
     return _fit_until_stopped(t)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(12)
 def test_a_stop_during_evaluation_is_acted_on_within_a_batch(tmp_path):
     """The test split is 2 evaluation batches per rank of 1 s each: SIGTERM on one rank as the evaluation
     begins stops both after the batch in progress, saves the epoch's steps as done, and the resume

@@ -112,12 +112,12 @@ def test_ema_warmup_starts_fast():
     assert build_ema(TrainConfig(ema=False), model) is None
 
 
-@pytest.mark.slow
+@pytest.mark.slow(10)
 def test_resume_is_exact_with_every_technique(tmp_path):
     common = ["--epochs", "2", "--max-steps-per-epoch", "3", "--deterministic", "--alt-flip", "--whiten-stem",
               "--ema", "--ema-warmup", "--schedule", "linear", "--bn-lr-scale", "2", "--optimizer", "muon",
               "--lr", "0.02", "--tta", "flip"]
-    result = trainer(tmp_path, *common, "--run-name", "straight").fit()
+    result = trainer(tmp_path, *common, "--run-name", "straight", "--figures").fit()  # the curves with an EMA
     assert result["tta_accuracy"] is not None and 0 <= result["tta_accuracy"] <= 100
     a = trainer(tmp_path, *common, "--run-name", "split")
     interrupt_at(a, 4)  # mid-epoch 2
@@ -132,7 +132,7 @@ def test_resume_is_exact_with_every_technique(tmp_path):
 
 def test_best_checkpoint_is_the_better_of_raw_and_ema_on_validation(tmp_path):
     t = trainer(tmp_path, "--epochs", "2", "--max-steps-per-epoch", "4", "--ema", "--ema-warmup", "--val-size", "500",
-                "--run-name", "v", "--tta", "none")
+                "--run-name", "v", "--tta", "none", "--figures")  # the curves with validation and EMA lines
     t.fit()
     rows = t.history
     best = max(rows, key=lambda r: max(r["val_acc"], r["ema_val_acc"]))
@@ -164,7 +164,7 @@ def test_bad_technique_settings_are_one_line_errors(tmp_path, capsys):
         assert exc.value.code == 2 and message in err and err.count("\n") == 1, err
 
 
-@pytest.mark.slow
+@pytest.mark.slow(6)
 def test_recipe_ablation_writes_rows_and_a_table(tmp_path, capsys, monkeypatch):
     """bench/recipe.py's own main, each row's train.py command run by train.py's main in this process (a new
     interpreter per row would add seconds of imports; tests/test_demo.py runs train.py in its own)."""

@@ -85,7 +85,7 @@ def test_accuracy_matches_an_independent_computation(checkpoint, sample_dataset,
         assert (tmp_path / "fig" / "tiny" / name).stat().st_size > 100
 
 
-@pytest.mark.slow
+@pytest.mark.slow(10)
 def test_tta_keeps_the_plain_figure_and_text_matches_json(checkpoint, sample_dataset, capsys, tmp_path):
     base = ["--checkpoint", str(checkpoint), "--amp", "off", "--no-figures"]
     plain = run_json(capsys, main_test, [*base, "--json"])

@@ -72,7 +72,7 @@ def test_no_synchronization_per_training_step(tmp_path, optimizer):
     assert sum(few.values()) <= 4, f"one call of train_steps reads the device a few times at its end, not {few}"
 
 
-@pytest.mark.slow
+@pytest.mark.slow(7)
 def test_the_issue_command_makes_no_data_path_synchronization(tmp_path):
     """Issue 15's count: demo recipe with jitter, erasing and mixing, 30 steps, calls from preactresnet/data/."""
     out = ["--no-progress", "--profile", "off", "--checkpoint-dir", str(tmp_path / "ck"), "--log-dir", str(tmp_path / "runs"),

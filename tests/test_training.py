@@ -16,6 +16,7 @@ TINY = [
     "--data-dir", "sample", "--model", "preactresnet18", "--width-mult", "0.125", "--batch-size", "32",
     "--no-progress", "--log-interval", "2", "--warmup-epochs", "0.5", "--amp", "off",
     "--tta", "none",  # the end-of-run TTA has its own tests (test_recipe, test_reports)
+    "--no-figures",  # 0.5 s per run; the figures have their own tests (end to end, every technique, two nodes)
 ]
 
 
@@ -31,10 +32,10 @@ def trainer(tmp_path, *extra):
     return Trainer.from_config(cfg, explicit, out=lambda *a: None)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(4)
 def test_end_to_end_on_the_sample(tmp_path):
     t = trainer(tmp_path, "--epochs", "2", "--max-steps-per-epoch", "40", "--optimizer", "sgd", "--lr", "0.1",
-                "--mix-prob", "0", "--run-name", "e2e")
+                "--mix-prob", "0", "--run-name", "e2e", "--figures")
     result = t.fit()
     run = tmp_path / "ck" / "e2e"
     for name in ("best.safetensors", "last.safetensors", "last.state.pt", "config.yaml"):
@@ -42,6 +43,7 @@ def test_end_to_end_on_the_sample(tmp_path):
     assert list((tmp_path / "runs" / "e2e").glob("events.out.tfevents.*"))
     assert (tmp_path / "runs" / "e2e" / "metrics.csv").read_text().count("\n") == 3
     assert (tmp_path / "fig" / "e2e" / "training_curves.png").stat().st_size > 10_000
+    assert (tmp_path / "fig" / "e2e" / "augmented_batch.png").stat().st_size > 10_000
     assert result["final"].accuracy > 20.0, "two short epochs on real images must beat chance (10%)"
     weights = load_file(run / "best.safetensors")
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in weights)
@@ -66,7 +68,7 @@ def interrupt_at(t, step, sig=signal.SIGINT, times=1):
     t.scheduler.step_update = step_update
 
 
-@pytest.mark.slow
+@pytest.mark.slow(5)
 def test_resume_is_exact(tmp_path):
     common = ["--epochs", "2", "--max-steps-per-epoch", "3", "--deterministic", "--ema", "--drop-rate", "0.2"]
     trainer(tmp_path, *common, "--run-name", "straight").fit()

@@ -151,7 +151,8 @@ class RunLog:
         from torch.utils.tensorboard import SummaryWriter  # noqa: I001  (lazy: TensorBoard is heavy; rank 0 only)
 
         self.write_config()
-        self._write_augmented_grid()
+        if self.cfg.figures:
+            self._write_augmented_grid()
         self.writer = SummaryWriter(str(self.dirs.logs), purge_step=self.step if self.step else None)
 
     def write_config(self) -> None:
@@ -193,7 +194,7 @@ class RunLog:
         return augmented_grid(x.float() * std + mean, target, self.data.classes, self.dirs.figures / "augmented_batch.png", title)
 
     def _write_curves(self) -> Path | None:
-        if not self.history or not self.dist.is_main:
+        if not self.history or not self.dist.is_main or not self.cfg.figures:
             return None
         return training_curves(self.history, self.dirs.figures / "training_curves.png", title=self.dirs.name)
 
@@ -208,7 +209,8 @@ class RunLog:
         self.out(f"best: {self.best_metric:.2f}% on the {split} split at epoch {self.best_epoch}")
         self.out(f"checkpoints: {self.dirs.checkpoints}/ (best.safetensors, last.safetensors, last.state.pt)")
         self.out(f"tensorboard: tensorboard --logdir={self.cfg.log_dir}/   (run {self.dirs.name})")
-        self.out(f"figures:     {self.dirs.figures}/training_curves.png; metrics: {self.dirs.logs}/metrics.csv")
+        figures = f"{self.dirs.figures}/training_curves.png" if self.cfg.figures else "none (--no-figures)"
+        self.out(f"figures:     {figures}; metrics: {self.dirs.logs}/metrics.csv")
         return {
             "run": self.dirs.name,
             "checkpoint_dir": self.dirs.checkpoints,

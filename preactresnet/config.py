@@ -187,7 +187,7 @@ class TrainConfig:
 # Settings a resumed run may change: they alter speed or output, never the numbers it computes.
 RESUMABLE_OVERRIDES = {
     "device", "threads", "progress", "log_interval", "resume", "compile", "data_dir", "download", "profile", "sync_debug",
-    "figures", "tta",  # the end-of-run figure only: training is the same
+    "figures", "tta",  # output only (the PNGs, the end-of-run TTA figure): training is the same
 }
 
 

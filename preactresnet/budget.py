@@ -1,17 +1,13 @@
-"""--time-budget: the longest schedule that fits a wall-clock budget on this machine.
+"""The run's length (`RunPlan`) and --time-budget as a closed loop (`TimeBudget`).
 
-The budget covers the training steps and the evaluation after each epoch: not the start-up before them
-(imports, data, model, precision timing, this calibration) nor what follows the last epoch (TTA, figures,
-report). The run's own trainer times a few real training steps (WARMUP_STEPS untimed first, then at least
-MIN_TIMED_STEPS and MIN_TIMED_SECONDS, less for a budget under a minute) and one end-of-epoch evaluation (test split, and validation and
-EMA where the run has them); from those the number of steps that fit is chosen, written into the config
-(epochs and total_steps), and the trainer starts over from the state it was built in (weights, data
-position, random streams; a fresh optimizer, schedule and EMA). The calibration steps are
-therefore discarded, and a run given the same epochs and total_steps explicitly computes the same numbers.
-A few seconds of timing can be 10-15% off on a CPU whose speed drifts, so each epoch that ends inside the
-warmup refits the plan from the run's own measured seconds per step and per evaluation (`refit`): the
-warmup does not depend on the plan, so the run is still the one those epochs and steps give explicitly.
-A resumed run keeps its saved choice and is never calibrated or refitted again.
+A few seconds of calibration on the run's own trainer start the loop (its steps are discarded); from then on
+the run re-plans from its own measured progress: every `CHECK_SHARE` of the planned steps and at every
+epoch end it compares the finish it now expects (seconds spent, steps left at the speed just measured, the
+epoch ends left at their measured cost: evaluation, log, checkpoint) with the budget, and when that finish
+leaves `BAND` it chooses the steps that fit again. The learning rate follows the plan through
+`RunPlan.schedule_step`: the decay still to go is stretched (or squeezed) over the steps now planned, so
+the rate is continuous at a re-plan and ends its decay at the last step; the warmup keeps its length.
+A run given its length (--epochs, --total-steps) has a fixed plan and never re-plans.
 """
 
 from __future__ import annotations
@@ -22,12 +18,17 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import parse_duration
-from .distributed import all_reduce_max
+from .config import TrainConfig, parse_duration
+from .distributed import DistInfo, all_reduce_max
+from .plan import RunPlan
 
 WARMUP_STEPS = 3  # first-touch allocations, kernel selection, torch.compile: never timed
 MIN_TIMED_STEPS, MIN_TIMED_SECONDS = 5, 3.0  # timed until both are reached, for a stable images/s
 CALIBRATION_SHARE = 0.05  # a short budget times for this share of it (at least 1 s): 10 s spends 1 s, not 3
+MIN_STEPS = 5  # a budget that holds fewer steps than this (plus one evaluation) trains nothing worth having
+CHECK_SHARE = 0.025  # progress is checked every 2.5% of the planned steps (and at every epoch end)
+BAND = (0.985, 1.005)  # a plan whose expected finish stays inside this share of the budget is kept
+SPEED_CHECKS = 4  # the speed is the last 4 stretches' (10% of the steps): one stretch's moved by 15% on a quiet CPU
 
 
 def timed_seconds(budget_seconds: float) -> float:
@@ -38,7 +39,7 @@ def timed_seconds(budget_seconds: float) -> float:
 @dataclass(frozen=True)
 class Calibration:
     seconds_per_step: float
-    eval_seconds: float  # one end-of-epoch evaluation (test, validation, EMA) with its checkpoint
+    eval_seconds: float  # one end of an epoch: evaluation, and once measured its log and checkpoint
     batch_size: int
 
     @property
@@ -46,67 +47,152 @@ class Calibration:
         return self.batch_size / self.seconds_per_step
 
 
-@dataclass(frozen=True)
-class BudgetPlan:
-    budget_seconds: float
-    epochs: int  # epochs begun, each ending with an evaluation
-    total_steps: int
-    steps_per_epoch: int
-    calibration: Calibration
+def fit_steps(seconds: float, step: int, ended: int, steps_per_epoch: int, cal: Calibration, least: int) -> int:
+    """The most steps in all (at least `least`) whose steps after `step` and epoch ends after the `ended` ones
+    already done fit in `seconds`: each epoch begun ends with an evaluation, the last may be partial."""
+    def total(n: int) -> int:  # the steps that fit with n epoch ends still to come
+        return step + math.floor((seconds - n * cal.eval_seconds) / cal.seconds_per_step)
 
-    @property
-    def expected_seconds(self) -> float:
-        c = self.calibration
-        return self.total_steps * c.seconds_per_step + self.epochs * c.eval_seconds
+    def fits(n: int) -> bool:  # n ends fit if their last epoch gets a step; true up to some n, false after
+        return total(n) >= max((ended + n - 1) * steps_per_epoch + 1, step + 1)
 
-    def as_record(self) -> dict:
+    if not fits(1):
+        return least
+    low, high = 1, 2 + int(max(seconds, 0) / cal.seconds_per_step) // steps_per_epoch
+    while low < high:  # the most epoch ends that fit; the run ends in the last of them, as late as it fits
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return max(least, min(total(low), (ended + low) * steps_per_epoch))
+
+
+def expected_seconds(total: int, step: int, ended: int, steps_per_epoch: int, cal: Calibration) -> float:
+    """Seconds from now to the end of a plan of `total` steps: its steps left and its epoch ends left."""
+    return (total - step) * cal.seconds_per_step + (math.ceil(total / steps_per_epoch) - ended) * cal.eval_seconds
+
+
+def first_plan(budget_seconds: float, cfg: TrainConfig, steps_per_epoch: int, cal: Calibration) -> RunPlan:
+    """The most steps whose training and one evaluation per epoch begun fit the budget at the calibrated speed
+    (only a budget below MIN_STEPS steps and an evaluation is refused)."""
+    total = fit_steps(budget_seconds, 0, 0, steps_per_epoch, cal, least=0)
+    if total < MIN_STEPS:
+        least = math.ceil(MIN_STEPS * cal.seconds_per_step + cal.eval_seconds)
+        raise ValueError(
+            f"--time-budget {budget_seconds:g}s holds fewer than {MIN_STEPS} steps here ({cal.images_per_sec:.0f} "
+            f"images/s plus {cal.eval_seconds:.1f}s of evaluation); give at least {least}s"
+        )
+    return RunPlan.of(cfg, steps_per_epoch, total)
+
+
+class RunClock:
+    """Seconds the run has spent training (steps, evaluations, logs, checkpoints), across resumes."""
+
+    def __init__(self, spent_before: float = 0.0):
+        self.before, self.origin = spent_before, None
+
+    def start(self) -> None:
+        self.origin = time.perf_counter()
+
+    def spent(self) -> float:
+        return self.before + (time.perf_counter() - self.origin if self.origin is not None else 0.0)
+
+
+class TimeBudget:
+    """--time-budget as a closed loop: checks the run's progress and re-plans its steps to end on the budget.
+
+    The speed is the steps' own over the last SPEED_CHECKS stretches between checks, the epoch end's cost the last
+    one measured (evaluation, log line, checkpoint); under torchrun the slowest rank's figures, at the same step
+    on every rank, so all ranks follow one plan."""
+
+    def __init__(self, seconds: float, calibration: Calibration, plan: RunPlan, dist: DistInfo, clock: RunClock):
+        self.seconds, self.calibration, self.plan, self.dist, self.clock = seconds, calibration, plan, dist, clock
+        self.speed = calibration  # what the plan rests on now
+        self.after_eval = 0.0  # the log and checkpoint after an evaluation, as last measured
+        self.replans = 0
+        self.window = (0.0, 0, 0.0)  # (spent, step) where the stretch of steps began, and its pauses
+        self.marks = [(0.0, 0)]  # (seconds of steps so far, step) at the last checks
+        self.next_check = 0
+
+    def start(self, step: int) -> None:
+        """Open the first stretch of steps at `step` (the run's, or a resumed run's first step)."""
+        self.window, self.marks = (self.clock.spent(), step, 0.0), [(0.0, step)]
+        self.next_check = step + self._every()
+
+    def _every(self) -> int:
+        return max(1, round(CHECK_SHARE * self.plan.total_steps))
+
+    def due(self, step: int) -> bool:
+        return step >= self.next_check and step < self.plan.total_steps
+
+    def pause(self, seconds: float) -> None:
+        """Seconds inside the current stretch that were not steps (the log and checkpoint of an epoch end)."""
+        spent, step, paused = self.window
+        self.window = (spent, step, paused + seconds)
+        self.after_eval = seconds
+
+    def check(self, step: int, ended: int, eval_seconds: float | None = None) -> str | None:
+        """Measure the stretch since the last check; re-plan if the expected finish left BAND. `ended`: epoch ends
+        done; `eval_seconds`: the evaluation just done (at an epoch end). Returns the line to print, if any."""
+        spent, _, paused = self.window
+        now = self.clock.spent()
+        stepping = self.marks[-1][0] + now - spent - paused - (eval_seconds or 0.0)
+        self.marks = [*self.marks[-SPEED_CHECKS:], (stepping, step)]
+        (t0, s0), (t1, s1) = self.marks[0], self.marks[-1]
+        per_step = (t1 - t0) / (s1 - s0) if s1 > s0 else self.speed.seconds_per_step
+        end_cost = eval_seconds + self.after_eval if eval_seconds is not None else self.speed.eval_seconds
+        pending = self.after_eval if eval_seconds is not None else 0.0  # this epoch's log and checkpoint, to come
+        now, per_step, end_cost = all_reduce_max([now + pending, per_step, end_cost], self.dist)  # the slowest rank's
+        self.speed = Calibration(max(per_step, 1e-9), end_cost, self.calibration.batch_size)
+        self.window, self.next_check = (self.clock.spent(), step, 0.0), step + self._every()
+        return self._replan(now, step, ended)
+
+    def _replan(self, now: float, step: int, ended: int) -> str | None:
+        plan, spe = self.plan, self.plan.steps_per_epoch
+        if step >= plan.total_steps:
+            return None  # the schedule has ended: the run is done
+        finish = now + expected_seconds(plan.total_steps, step, ended, spe, self.speed)
+        if BAND[0] * self.seconds <= finish <= BAND[1] * self.seconds:
+            return None
+        least = max(step, plan.warmup_steps) + 1  # one more step, so the decay ends; the warmup is never cut
+        total = fit_steps(self.seconds - now, step, ended, spe, self.speed, least)
+        if total == plan.total_steps:
+            return None
+        was = plan.total_steps
+        plan.replan(step, total)
+        self.replans += 1
+        self.next_check = step + self._every()
+        why = "ahead of" if finish < self.seconds else "behind"
+        return (f"time budget: {now:.1f} of {self.seconds:.0f}s spent at step {step}, {self.speed.images_per_sec:.0f} "
+                f"images/s and {self.speed.eval_seconds:.1f}s per epoch end measured, {why} the plan (it would end at "
+                f"{finish:.1f}s): {total} steps ({total / spe:.2f} epochs) in all, was {was}")
+
+    def record(self) -> dict:
+        """What metrics.csv and TensorBoard show of the budget at an epoch end."""
+        spe, spent = self.plan.steps_per_epoch, self.clock.spent()
         return {
-            "time_budget_s": round(self.budget_seconds, 1),
-            "budget_epochs": round(self.total_steps / self.steps_per_epoch, 3),
-            "budget_total_steps": self.total_steps,
+            "time_budget_s": round(self.seconds, 1),
+            "budget_spent_pct": round(100 * spent / self.seconds, 2),
+            "planned_finish_s": round(spent + expected_seconds(self.plan.total_steps, self.window[1], self._ended(), spe, self.speed), 1),
+            "budget_epochs": round(self.plan.total_steps / spe, 3),
+            "budget_total_steps": self.plan.total_steps,
             "calibrated_images_per_sec": round(self.calibration.images_per_sec, 1),
-            "calibrated_eval_seconds": round(self.calibration.eval_seconds, 2),
+            "planned_images_per_sec": round(self.speed.images_per_sec, 1),
+            "replans": self.replans,
         }
 
+    def _ended(self) -> int:
+        return math.ceil(self.window[1] / self.plan.steps_per_epoch)
 
-MIN_STEPS = 5  # a budget that holds fewer steps than this (plus one evaluation) trains nothing worth having
+    def state_dict(self) -> dict:
+        c, s = self.calibration, self.speed
+        return {"seconds": self.seconds, "calibration": [c.seconds_per_step, c.eval_seconds, c.batch_size],
+                "speed": [s.seconds_per_step, s.eval_seconds, s.batch_size], "after_eval": self.after_eval,
+                "replans": self.replans}
 
-
-def plan(budget_seconds: float, steps_per_epoch: int, cal: Calibration) -> BudgetPlan:
-    """The most steps whose training plus one evaluation per epoch begun fits the budget; shorter than one
-    epoch, part of one (only a budget below MIN_STEPS steps and an evaluation is refused)."""
-    epoch_seconds = steps_per_epoch * cal.seconds_per_step + cal.eval_seconds
-    if budget_seconds < epoch_seconds:
-        steps = int((budget_seconds - cal.eval_seconds) / cal.seconds_per_step)
-        if steps < MIN_STEPS:
-            least = math.ceil(MIN_STEPS * cal.seconds_per_step + cal.eval_seconds)
-            raise ValueError(
-                f"--time-budget {budget_seconds:g}s holds fewer than {MIN_STEPS} steps here ({cal.images_per_sec:.0f} "
-                f"images/s plus {cal.eval_seconds:.1f}s of evaluation); give at least {least}s"
-            )
-        return BudgetPlan(budget_seconds, 1, min(steps, steps_per_epoch), steps_per_epoch, cal)
-    epochs = math.ceil(budget_seconds / epoch_seconds)
-    steps = int((budget_seconds - epochs * cal.eval_seconds) / cal.seconds_per_step)
-    while steps <= (epochs - 1) * steps_per_epoch:  # the last epoch begun must hold a step
-        epochs -= 1
-        steps = int((budget_seconds - epochs * cal.eval_seconds) / cal.seconds_per_step)
-    steps = min(steps, epochs * steps_per_epoch)
-    return BudgetPlan(budget_seconds, epochs, steps, steps_per_epoch, cal)
-
-
-def refit(budget_seconds: float, steps_per_epoch: int, cal: Calibration, steps_done: int) -> BudgetPlan:
-    """The plan again from a speed measured during the run, never ending before the steps already taken."""
-    if budget_seconds >= steps_per_epoch * cal.seconds_per_step + cal.eval_seconds:
-        fitted = plan(budget_seconds, steps_per_epoch, cal)
-        if fitted.total_steps >= steps_done:
-            return fitted
-    return BudgetPlan(budget_seconds, math.ceil(steps_done / steps_per_epoch), steps_done, steps_per_epoch, cal)
-
-
-def measured(trainer, stats, eval_seconds: float) -> Calibration:
-    """An epoch's own seconds per step and evaluation (under torchrun the slowest rank's, so all plan alike)."""
-    per_step, evaluation = all_reduce_max([stats.seconds / max(stats.steps, 1), eval_seconds], trainer.dist)
-    return Calibration(per_step, evaluation, trainer.cfg.batch_size)
+    @classmethod
+    def from_state(cls, state: dict, plan: RunPlan, dist: DistInfo, clock: RunClock) -> TimeBudget:
+        budget = cls(state["seconds"], Calibration(*state["calibration"]), plan, dist, clock)
+        budget.speed, budget.after_eval, budget.replans = Calibration(*state["speed"]), state["after_eval"], state["replans"]
+        return budget
 
 
 def calibrate(trainer, seconds_wanted: float = MIN_TIMED_SECONDS) -> Calibration:
@@ -129,19 +215,18 @@ def calibrate(trainer, seconds_wanted: float = MIN_TIMED_SECONDS) -> Calibration
     return Calibration(seconds / steps, eval_seconds, trainer.cfg.batch_size)
 
 
-def fit_to_budget(trainer, out=print) -> BudgetPlan:
-    """Calibrate on `trainer` (every rank takes part) and return the plan; the trainer then starts over."""
+def plan_budget(trainer, out=print) -> tuple[RunPlan, Calibration]:
+    """Calibrate on `trainer` (every rank takes part) and return the first plan; the trainer then starts over."""
     cfg = trainer.cfg
     budget = parse_duration(cfg.time_budget)
-    choice = plan(budget, trainer.steps_per_epoch, calibrate(trainer, timed_seconds(budget)))  # the same on every rank
-    finish = time.strftime("%H:%M:%S", time.localtime(time.time() + choice.expected_seconds))
-    if choice.total_steps < choice.steps_per_epoch:
-        out(f"time budget {cfg.time_budget} is shorter than one epoch here: training {choice.total_steps} of its "
-            f"{choice.steps_per_epoch} steps, then one evaluation")
+    cal = calibrate(trainer, timed_seconds(budget))
+    plan = first_plan(budget, cfg, trainer.steps_per_epoch, cal)  # the same on every rank
+    if plan.total_steps < plan.steps_per_epoch:
+        out(f"time budget {cfg.time_budget} is shorter than one epoch here: training {plan.total_steps} of its "
+            f"{plan.steps_per_epoch} steps, then one evaluation")
     out(
-        f"time budget {cfg.time_budget}: {choice.calibration.images_per_sec:.0f} images/s and "
-        f"{choice.calibration.eval_seconds:.1f}s per evaluation measured, so {choice.total_steps} steps "
-        f"({choice.total_steps / choice.steps_per_epoch:.2f} epochs) with warmup and schedule fitted to them; "
-        f"expected to finish training at {finish} (the calibration steps are discarded)"
+        f"time budget {cfg.time_budget}: {cal.images_per_sec:.0f} images/s and {cal.eval_seconds:.1f}s per evaluation "
+        f"measured, so {plan.total_steps} steps ({plan.total_steps / plan.steps_per_epoch:.2f} epochs) to start with; "
+        f"the run re-plans from its own progress every {CHECK_SHARE:.1%} of its steps and at each epoch end"
     )
-    return choice
+    return plan, cal

@@ -277,7 +277,6 @@ class ResolvedConfig:
     state: dict | None = None  # the training state to resume from
     run_dir: Path | None = None  # the run being resumed
     profile: dict | None = None  # the system profile applied (its 'applied' settings, 'path', 'tf32')
-    budget: dict | None = None  # --time-budget: what calibration measured and chose
     precision: dict | None = None  # what --amp auto / --muon-ns-dtype auto chose, and the line saying why
 
 

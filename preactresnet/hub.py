@@ -118,7 +118,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, half: bool = False) -> P
     out.mkdir(parents=True, exist_ok=True)
     config = {key: meta.get(key) for key in CARRIED}
     config.update(dataset=meta.get("dataset", "cifar10"), ema=bool(meta.get("ema", False)),
-                  recipe=_recipe(checkpoint), source_checkpoint=checkpoint.name)
+                  recipe={**_recipe(checkpoint), **meta.get("plan", {})}, source_checkpoint=checkpoint.name)
     save_weights(out / WEIGHTS_NAME, state, meta)
     _write_config(out, config)
     return out

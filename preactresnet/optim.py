@@ -17,6 +17,7 @@ from timm.scheduler import CosineLRScheduler, PolyLRScheduler
 from timm.utils import ModelEmaV3
 
 from .config import TrainConfig
+from .plan import PlannedSchedule, RunPlan
 
 
 def param_groups(cfg: TrainConfig, model: nn.Module) -> list[dict]:
@@ -132,19 +133,10 @@ def ns_dtype_name(cfg: TrainConfig) -> str:
     return "bf16" if cfg.muon_ns_dtype == "auto" else cfg.muon_ns_dtype
 
 
-def run_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
-    """The run's length in optimizer steps: --total-steps, else epochs x steps per epoch."""
-    return cfg.total_steps or cfg.epochs * steps_per_epoch
-
-
-def warmup_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
-    """The warmup's length in steps: --warmup-epochs, cut short only where the whole run is shorter."""
-    return min(int(round(cfg.warmup_epochs * steps_per_epoch)), run_steps(cfg, steps_per_epoch) - 1)
-
-
-def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, lr_scale: float = 1):
-    """Linear warmup from warmup_lr to lr, then cosine (or linear) decay to min_lr, counted in steps."""
-    total, warmup = run_steps(cfg, steps_per_epoch), warmup_steps(cfg, steps_per_epoch)
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, plan: RunPlan, lr_scale: float = 1) -> PlannedSchedule:
+    """Linear warmup from warmup_lr to lr, then cosine (or linear) decay to min_lr, counted in steps of `plan`
+    (a time budget's re-plans stretch the decay still to go: plan.RunPlan.schedule_step)."""
+    total, warmup = plan.schedule_steps, plan.warmup_steps
     common = dict(
         t_initial=max(1, total - warmup),
         lr_min=cfg.min_lr * lr_scale,
@@ -154,8 +146,8 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_pe
         t_in_epochs=False,
     )
     if cfg.schedule == "linear":  # polynomial decay of power 1: a straight line to min_lr
-        return PolyLRScheduler(optimizer, power=1.0, **common)
-    return CosineLRScheduler(optimizer, **common)
+        return PlannedSchedule(PolyLRScheduler(optimizer, power=1.0, **common), plan)
+    return PlannedSchedule(CosineLRScheduler(optimizer, **common), plan)
 
 
 def build_mixup(cfg: TrainConfig, num_classes: int):

@@ -1,20 +1,25 @@
-"""--time-budget: durations, the plan, the one-line errors, and the resume rule."""
+"""--time-budget: durations, the first plan, the closed loop on a clock the test controls, the schedule that
+follows the plan, the one-line errors, and resuming a budget run."""
 
 from __future__ import annotations
 
 import csv
+import math
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 from test_training import interrupt_at, run_args, trainer
+from virtual_clock import install
 
 import preactresnet.budget as budget
-import preactresnet.training.parts as parts
-from preactresnet.budget import BudgetPlan, Calibration, parse_duration, plan
-from preactresnet.checkpoint import load_state
+from preactresnet.budget import Calibration, first_plan, fit_steps, parse_duration
+from preactresnet.checkpoint import load_state, read_metadata
 from preactresnet.cli import main_train
+from preactresnet.config import TrainConfig, parse_args
+from preactresnet.optim import build_scheduler
+from preactresnet.plan import RunPlan
+from preactresnet.training import Trainer
 
 
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("10m", 600), ("2h", 7200), ("1h30m", 5400), ("1.5h", 5400),
@@ -29,12 +34,24 @@ def test_bad_durations_name_the_fix(text):
         parse_duration(text)
 
 
-def test_plan_fills_the_budget_with_steps_and_evaluations():
+CFG = TrainConfig(warmup_epochs=0.5)
+
+
+def test_first_plan_fills_the_budget_with_steps_and_evaluations():
     cal = Calibration(seconds_per_step=0.2, eval_seconds=1.0, batch_size=128)
-    p = plan(60.0, steps_per_epoch=78, cal=cal)
-    assert p.epochs == 4 and p.total_steps == 280  # 3 whole epochs and 46 steps of a 4th, 4 evaluations
-    assert p.expected_seconds == pytest.approx(60.0, abs=0.2) and p.expected_seconds <= 60.0
-    assert plan(3600, 78, cal).total_steps > 60 * 78, "long budgets give many epochs"
+    p = first_plan(60.0, CFG, 78, cal)
+    assert (p.epochs, p.total_steps, p.warmup_steps) == (4, 280, 39)  # 3 whole epochs, 46 steps of a 4th, 4 evaluations
+    assert budget.expected_seconds(p.total_steps, 0, 0, 78, cal) == pytest.approx(60.0, abs=0.2)
+    assert first_plan(3600, CFG, 78, cal).total_steps > 60 * 78, "long budgets give many epochs"
+
+
+def test_fit_steps_counts_the_epoch_ends_still_to_come():
+    cal = Calibration(seconds_per_step=1.0, eval_seconds=5.0, batch_size=128)
+    # mid-epoch at step 15 of 10-step epochs (1 ended): 20 s hold 10 more steps and two evaluations (epochs 2 and 3)
+    assert fit_steps(20.0, 15, 1, 10, cal, least=16) == 25
+    assert fit_steps(24.0, 15, 1, 10, cal, least=16) == 29, "a third evaluation would leave no step for its epoch"
+    assert fit_steps(31.0, 15, 1, 10, cal, least=16) == 31  # 16 steps, 3 evaluations
+    assert fit_steps(2.0, 15, 1, 10, cal, least=16) == 16, "out of time: one more step, then the epoch's evaluation"
 
 
 def test_a_short_budget_spends_less_of_itself_on_calibration():
@@ -43,11 +60,135 @@ def test_a_short_budget_spends_less_of_itself_on_calibration():
 
 def test_budget_shorter_than_an_epoch_trains_part_of_one():
     cal = Calibration(seconds_per_step=0.2, eval_seconds=1.0, batch_size=128)  # one epoch: 16.6 s
-    p = plan(10.0, 78, cal)
-    assert (p.epochs, p.total_steps) == (1, 45) and p.expected_seconds <= 10.0  # 45 steps and one evaluation
-    assert plan(2.0, 78, cal).total_steps == 5, "5 steps and an evaluation: the least a budget may hold"
+    assert (lambda p: (p.epochs, p.total_steps))(first_plan(10.0, CFG, 78, cal)) == (1, 45)
+    assert first_plan(2.0, CFG, 78, cal).total_steps == 5, "5 steps and an evaluation: the least a budget may hold"
     with pytest.raises(ValueError, match=r"fewer than 5 steps here .*give at least 2s"):
-        plan(1.9, 78, cal)
+        first_plan(1.9, CFG, 78, cal)
+
+
+def _lrs(plan, replans, cfg):
+    """The learning rate used by each step of `plan`, re-planned at each (step, total) in `replans`; and the rate
+    just before and after each re-plan."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched, lrs, jumps, todo = build_scheduler(cfg, opt, plan), [], [], dict(replans)
+    sched.step_update(num_updates=0)
+    step = 0
+    while step < plan.total_steps:
+        lrs.append(opt.param_groups[0]["lr"])
+        step += 1
+        sched.step_update(num_updates=step)
+        if step in todo:
+            before = opt.param_groups[0]["lr"]
+            plan.replan(step, todo.pop(step))
+            sched.step_update(num_updates=step)
+            jumps.append((before, opt.param_groups[0]["lr"]))
+    return lrs, jumps, opt.param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_the_schedule_follows_every_replan_continuously_to_its_minimum(schedule):
+    cfg = TrainConfig(lr=0.1, warmup_lr=0.001, warmup_epochs=2, min_lr=1e-4, schedule=schedule)
+    fixed, _, _ = _lrs(RunPlan.of(cfg, 10, 100), [], cfg)
+    # a re-plan inside the warmup (longer), then two after it (shorter, then longer again)
+    lrs, jumps, last = _lrs(RunPlan.of(cfg, 10, 100), [(12, 160), (60, 90), (80, 130)], cfg)
+    assert len(lrs) == 130 and len(jumps) == 3
+    assert all(a == pytest.approx(b, rel=1e-12) for a, b in jumps), "no jump at a re-plan"
+    assert lrs[:21] == fixed[:21], "the warmup keeps its length and its rates"
+    assert last == pytest.approx(1e-4) and min(lrs) > 1e-4, "the decay ends at the last step, not before"
+    steps = [abs(b - a) for a, b in zip(lrs, lrs[1:])]
+    assert max(steps) < 0.1 * 0.1, "no step changes the rate by more than a tenth of its peak"
+
+
+def test_a_fixed_plan_reads_the_schedule_at_the_step_itself():
+    plan = RunPlan.of(TrainConfig(epochs=3, warmup_epochs=1), 10)
+    assert (plan.total_steps, plan.warmup_steps) == (30, 10)
+    assert [plan.schedule_step(s) for s in (0, 7, 30)] == [0, 7, 30] and isinstance(plan.schedule_step(7), int)
+
+
+TINY_EPOCHS = ["--max-steps-per-epoch", "10", "--warmup-epochs", "0.5"]
+
+
+def _budget_run(tmp_path, monkeypatch, budget_text, name, *extra, calibration=0.5, run=0.5, eval_seconds=1.0, save=0.0,
+                lines=None):
+    """A budget run on virtual time: steps cost `calibration` s while calibrating, `run(step)` s after it."""
+    cost = run if callable(run) else (lambda step: run)
+    clock = install(monkeypatch, lambda t: calibration if t.budget is None else cost(t.step),
+                    eval_seconds=eval_seconds, save_seconds=save)
+    cfg, explicit = parse_args(run_args(tmp_path, *TINY_EPOCHS, *extra, "--time-budget", budget_text, "--run-name", name))
+    t = Trainer.from_config(cfg, explicit, out=(lines.append if lines is not None else lambda *a: None))
+    return t, clock
+
+
+def _spent_share(t, tmp_path, name) -> float:
+    rows = list(csv.DictReader(open(tmp_path / "runs" / name / "metrics.csv")))
+    assert float(rows[-1]["elapsed_seconds"]) == pytest.approx(t.clock.spent(), abs=0.01), "the last row counts everything"
+    return float(rows[-1]["elapsed_seconds"]) / float(rows[-1]["time_budget_s"])
+
+
+@pytest.mark.slow(6)
+@pytest.mark.parametrize("calibration", [2.0, 0.125], ids=["calibrated-4x-too-slow", "calibrated-4x-too-fast"])
+def test_a_wrong_calibration_costs_one_correction_not_the_run(tmp_path, monkeypatch, calibration):
+    lines = []
+    t, _ = _budget_run(tmp_path, monkeypatch, "40s", "wrong", calibration=calibration, lines=lines)
+    first = t.plan.total_steps
+    t.fit()
+    ideal = fit_steps(40.0, 0, 0, 10, Calibration(0.5, 1.0, 32), least=0)  # 60 steps, 6 evaluations
+    assert first != ideal and abs(t.step - ideal) <= 2, (first, t.step, ideal)
+    assert 0.97 <= _spent_share(t, tmp_path, "wrong") <= 1.005
+    replans = [x for x in lines if x.startswith("time budget:")]
+    assert 1 <= len(replans) <= 3 and ("ahead of" if calibration > 0.5 else "behind") in replans[0], replans
+    assert t.optimizer.param_groups[0]["lr"] == pytest.approx(t.cfg.min_lr), "the decay ended at the last step"
+
+
+@pytest.mark.slow(4)
+def test_a_slowdown_mid_run_shortens_the_plan(tmp_path, monkeypatch):
+    t, _ = _budget_run(tmp_path, monkeypatch, "40s", "slow", run=lambda step: 0.5 if step < 20 else 1.0)
+    first = t.plan.total_steps
+    t.fit()
+    assert t.step < first - 10, (first, t.step)
+    assert 0.97 <= _spent_share(t, tmp_path, "slow") <= 1.005
+    rows = list(csv.DictReader(open(tmp_path / "runs" / "slow" / "metrics.csv")))
+    assert int(rows[-1]["replans"]) >= 1 and float(rows[-1]["planned_images_per_sec"]) == pytest.approx(32.0)
+    assert all(float(r["planned_finish_s"]) <= 40.2 for r in rows[2:]), "each epoch shows the finish it plans"
+
+
+@pytest.mark.slow(4)
+def test_a_slow_checkpoint_writer_is_counted(tmp_path, monkeypatch):
+    t, _ = _budget_run(tmp_path, monkeypatch, "42s", "slowsave", save=3.0)  # a 3 s state file after every epoch
+    t.fit()
+    assert 0.97 <= _spent_share(t, tmp_path, "slowsave") <= 1.005
+    assert t.step == fit_steps(42.0, 0, 0, 10, Calibration(0.5, 4.0, 32), least=0) == 44  # as if evaluations took 4 s
+
+
+@pytest.mark.slow(6)
+def test_a_matching_calibration_never_replans_and_equals_the_explicit_run(tmp_path, monkeypatch):
+    t, _ = _budget_run(tmp_path, monkeypatch, "15s", "budget", "--deterministic", calibration=1.0, run=1.0, eval_seconds=2.0)
+    assert (t.plan.epochs, t.plan.total_steps) == (2, 11)  # 15 s at 1 s/step + 2 s/evaluation: 10 + 1 steps
+    t.fit()
+    assert t.budget.replans == 0 and t.cfg.epochs == 200, "the config stays as resolved: the plan holds the length"
+    trainer(tmp_path, *TINY_EPOCHS, "--deterministic", "--epochs", "2", "--total-steps", "11", "--run-name", "explicit").fit()
+    ref, got = (load_file(tmp_path / "ck" / run / "last.safetensors") for run in ("explicit", "budget"))
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    assert read_metadata(tmp_path / "ck" / "budget" / "last.safetensors")["plan"] == {"epochs": 2, "total_steps": 11}
+
+
+@pytest.mark.slow(7)
+def test_a_resumed_budget_run_spends_only_the_rest(tmp_path, monkeypatch):
+    lines = []
+    t, clock = _budget_run(tmp_path, monkeypatch, "40s", "cut", lines=lines)
+    interrupt_at(t, 23)
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    state = load_state(tmp_path / "ck" / "cut" / "last.state.pt")
+    spent = state["spent_seconds"]
+    assert state["step"] == 23 and spent == pytest.approx(23 * 0.5 + 2 * 1.0)
+    clock.now += 1000.0  # the time between the stop and the resume is not the run's
+    cfg, explicit = parse_args(run_args(tmp_path, "--resume", "cut"))
+    resumed = Trainer.from_config(cfg, explicit, out=lines.append)
+    resumed.fit()
+    assert any(f"{spent:.1f}s of 40s spent before the stop" in x for x in lines), lines
+    assert 0.97 <= _spent_share(resumed, tmp_path, "cut") <= 1.005
+    assert resumed.step == fit_steps(40.0, 0, 0, 10, Calibration(0.5, 1.0, 32), least=0)
 
 
 def test_budget_and_epochs_flags_together_are_one_line_errors(tmp_path, capsys):
@@ -59,80 +200,7 @@ def test_budget_and_epochs_flags_together_are_one_line_errors(tmp_path, capsys):
         assert exc.value.code == 2 and err.count("\n") == 1 and "--time-budget" in err, err
 
 
-def _fixed_calibration(monkeypatch, calls: list):
-    def fake(t, seconds_wanted=None):
-        calls.append(t)
-        t.train_loader.set_epoch(0)
-        t.train_steps(2)  # real steps on the throwaway trainer: they must not leak into the run
-        return Calibration(seconds_per_step=1.0, eval_seconds=2.0, batch_size=t.cfg.batch_size)
-
-    monkeypatch.setattr(budget, "calibrate", fake)
-
-
-@pytest.mark.slow(9)
-def test_budget_run_equals_explicit_steps_and_resumes_without_recalibrating(tmp_path, monkeypatch):
-    calls = []
-    _fixed_calibration(monkeypatch, calls)
-    common = ["--max-steps-per-epoch", "4", "--deterministic", "--tta", "none"]
-    # 15 s at 1 s/step + 2 s/evaluation: 9 steps (4 + 4 + 1) and 3 evaluations
-    t = trainer(tmp_path, *common, "--time-budget", "15s", "--run-name", "budget")
-    assert len(calls) == 1 and (t.cfg.epochs, t.cfg.total_steps) == (3, 9)
-    t.fit()
-    trainer(tmp_path, *common, "--epochs", "3", "--total-steps", "9", "--run-name", "explicit").fit()
-    cut = trainer(tmp_path, *common, "--time-budget", "15s", "--run-name", "cut")
-    interrupt_at(cut, 5)
-    with pytest.raises(KeyboardInterrupt):
-        cut.fit()
-    resumed = trainer(tmp_path, "--resume", "cut", "--checkpoint-dir", str(tmp_path / "ck"), "--epochs", "200")
-    assert len(calls) == 2 and resumed.cfg.total_steps == 9, "a resumed budget run is never calibrated again"
-    resumed.fit()
-    ref = load_file(tmp_path / "ck" / "explicit" / "last.safetensors")
-    for run in ("budget", "cut"):
-        w = load_file(tmp_path / "ck" / run / "last.safetensors")
-        assert all(torch.equal(ref[k], w[k]) for k in ref), run
-        assert load_state(tmp_path / "ck" / run / "last.state.pt")["step"] == 9
-    rows = list(csv.DictReader(open(tmp_path / "runs" / "cut" / "metrics.csv")))
-    assert [r["step"] for r in rows] == ["4", "8", "9"] and rows[-1]["budget_total_steps"] == "9"
-    assert float(rows[0]["time_budget_s"]) == 15.0 and float(rows[0]["calibrated_images_per_sec"]) == 32.0
-
-
-@pytest.mark.slow(5)
-def test_an_epoch_inside_the_warmup_refits_the_plan_to_the_measured_speed(tmp_path, monkeypatch):
-    """Calibration said 1 s/step; the first epoch (all of it warmup) measured 0.5 s/step and 1 s per evaluation:
-    the plan grows from 5 steps to 12, once, and the run equals one given those epochs and steps explicitly."""
-    calls, seen = [], []
-    _fixed_calibration(monkeypatch, calls)
-
-    def fake_measured(t, stats, eval_seconds):
-        seen.append((t.step, stats.steps))
-        return Calibration(seconds_per_step=0.5, eval_seconds=1.0, batch_size=t.cfg.batch_size)
-
-    monkeypatch.setattr(parts, "measured", fake_measured)
-    common = ["--max-steps-per-epoch", "4", "--deterministic", "--warmup-epochs", "1"]
-    t = trainer(tmp_path, *common, "--time-budget", "9s", "--run-name", "budget")
-    assert (t.cfg.epochs, t.cfg.total_steps) == (2, 5)
-    t.fit()
-    assert seen == [(4, 4)], "refitted once, at the end of the first epoch: the warmup's last step"
-    # 9 s at 0.5 s/step + 1 s/evaluation: 12 steps (3 epochs of 4) and 3 evaluations
-    trainer(tmp_path, *common, "--epochs", "3", "--total-steps", "12", "--run-name", "explicit").fit()
-    ref, got = (load_file(tmp_path / "ck" / run / "last.safetensors") for run in ("explicit", "budget"))
-    assert all(torch.equal(ref[k], got[k]) for k in ref)
-    state = load_state(tmp_path / "ck" / "budget" / "last.state.pt")
-    assert state["step"] == 12 and state["config"]["total_steps"] == 12
-    saved = yaml.safe_load((tmp_path / "ck" / "budget" / "config.yaml").read_text())
-    assert (saved["epochs"], saved["total_steps"]) == (3, 12), "config.yaml (read by export) gives the refitted plan"
-    rows = list(csv.DictReader(open(tmp_path / "runs" / "budget" / "metrics.csv")))
-    assert [r["step"] for r in rows] == ["4", "8", "12"] and rows[0]["budget_total_steps"] == "12"
-    assert float(rows[0]["calibrated_images_per_sec"]) == 64.0, "the speed the plan now rests on"
-
-
-def test_a_refit_never_ends_before_the_steps_taken():
-    slow = Calibration(10.0, 5.0, 128)  # one epoch of 78 steps takes 785 s here: a 60 s budget is spent
-    assert (lambda p: (p.epochs, p.total_steps))(budget.refit(60.0, 78, slow, 78)) == (1, 78)
-    fast = Calibration(0.1, 1.0, 128)
-    assert budget.refit(60.0, 78, fast, 78).total_steps == plan(60.0, 78, fast).total_steps > 78
-
-
-def test_plan_record_names_the_choice():
-    p = BudgetPlan(60.0, 4, 280, 78, Calibration(0.2, 1.0, 128))
-    assert p.as_record()["budget_epochs"] == pytest.approx(280 / 78, abs=1e-3)
+def test_an_explicit_run_has_no_budget_loop(tmp_path):
+    t = trainer(tmp_path, "--epochs", "2", "--max-steps-per-epoch", "3")
+    assert t.budget is None and (t.plan.total_steps, t.plan.knots) == (6, [])
+    assert math.isclose(t.plan.schedule_step(5), 5)

@@ -17,6 +17,7 @@ from preactresnet.config import TrainConfig, build_parser
 from preactresnet.data import AugmentConfig, BatchAugment, TensorLoader
 from preactresnet.models import create_model, list_models
 from preactresnet.optim import build_ema, build_optimizer, build_scheduler
+from preactresnet.plan import RunPlan
 from preactresnet.whitening import patch_whitening, stem_conv, whiten_stem_
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -73,7 +74,7 @@ def test_linear_schedule_and_bn_lr_scale():
                       schedule="linear", bn_lr_scale=4.0, weight_decay=5e-4)
     model = create_model("preactresnet18", width_mult=0.125)
     opt = build_optimizer(cfg, model)
-    sched = build_scheduler(cfg, opt, steps_per_epoch=10)
+    sched = build_scheduler(cfg, opt, RunPlan.of(cfg, 10))
     weights, others = opt.param_groups[0], opt.param_groups[-1]
     assert weights["weight_decay"] == 5e-4 and others["weight_decay"] == 0.0, "no weight decay on BN and biases"
     bn_and_bias = {id(p) for n, p in model.named_parameters() if p.ndim <= 1}

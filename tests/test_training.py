@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from preactresnet.checkpoint import CheckpointError, load_state, read_metadata, save_state, save_weights, unwrap_model
 from preactresnet.cli import main_train
 from preactresnet.config import TrainConfig, parse_args
+from preactresnet.plan import RunPlan
 from preactresnet.training import NonFiniteLoss, Trainer, build_mixup, build_scheduler
 
 TINY = [
@@ -158,7 +159,7 @@ def test_unwrap_strips_compile_wrapper():
 def test_learning_rate_curve():
     cfg = TrainConfig(lr=0.1, warmup_lr=0.001, warmup_epochs=2, epochs=10, min_lr=0.0)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
-    sched = build_scheduler(cfg, opt, steps_per_epoch=50)
+    sched = build_scheduler(cfg, opt, RunPlan.of(cfg, 50))
     lrs = []
     for step in range(500):
         lrs.append(opt.param_groups[0]["lr"])

@@ -1,9 +1,7 @@
 """The training loop: build the parts, then epochs of steps, each followed by evaluate, log, checkpoint.
-
-Read top to bottom: `Trainer.from_config` resolves the run once (resolve.py, precision, the
-time budget), `fit` runs the epochs, `train_steps` the steps, `_step` one optimizer step. Building
-(parts.py), saving (state.py), logging (runlog.py) and stopping (stopping.py) live beside it.
-"""
+`Trainer.from_config` resolves the run once (resolve.py, precision, the time budget's first plan), `fit` runs the
+epochs, `train_steps` the steps, `_step` one step. Building (parts.py), saving (state.py), logging (runlog.py)
+and stopping (stopping.py) live beside it."""
 
 from __future__ import annotations
 
@@ -16,6 +14,7 @@ import torch.nn as nn
 from timm.data.mixup import mixup_target
 from tqdm.auto import tqdm
 
+from ..budget import RunClock, TimeBudget
 from ..config import ResolvedConfig, TrainConfig
 from .resolve import resolve_config
 from ..distributed import Agreement, DistInfo, broadcast_buffers, init_distributed
@@ -35,20 +34,20 @@ class Trainer(Parts, State, RunLog):
         self.cfg, self.command = run.cfg, command
         self.dist = dist or DistInfo()
         self.out = out if self.dist.is_main else _silent
-        self._setup_process(run.profile, (run.state or {}).get("process"))
+        saved = run.state or {}
+        self._setup_process(run.profile, saved.get("process"))
         self.dirs = RunDirs.of(self.cfg)
-        self._build_data()
+        self._build_data(saved.get("plan"))
         self._build_model(fresh=run.state is None)
         self._build_optimization()
         self.meta = self._weights_meta()
-        self.budget = run.budget  # --time-budget's calibration and choice, logged with every epoch
-        self.refitting = False  # whether the epochs ending inside the warmup refit the budget's plan
+        self.clock = RunClock()  # the seconds this run has spent training (a resume carries them on)
+        self.budget: TimeBudget | None = None  # --time-budget's closed loop (fit_budget, or the resumed state)
         self.precision_line = (run.precision or {}).get("line")  # why --amp/--muon-ns-dtype auto chose what it did
         self.writer, self.stop = NullWriter(), StopFlag()
         self.agreement = Agreement(self.dist)  # when the ranks compare their stop flags
         self.start_epoch, self.step, self.history = 0, 0, []
-        self.best_metric, self.best_epoch = -1.0, -1
-        self.resumed_mid_epoch = False
+        self.best_metric, self.best_epoch, self.resumed_mid_epoch = -1.0, -1, False
         self.carried: StepStats | None = None  # the current epoch's steps before a mid-epoch resume
         if run.state is not None:
             self._load_state(run.state, run.run_dir)
@@ -62,26 +61,26 @@ class Trainer(Parts, State, RunLog):
         run = resolve_precision(run, dist, num_classes, use_channels_last(run.cfg))
         trainer = cls(run, dist, out=out, command=command)
         if run.cfg.time_budget and not run.cfg.total_steps and run.state is None:
-            trainer.fit_budget()  # times steps on itself, then starts over with the epochs that fit
+            trainer.fit_budget()  # times steps on itself, then starts over with the first plan
         return trainer
 
     @property
-    def _bars(self) -> bool | None:
-        """tqdm's `disable`: None draws bars on a terminal only, never into a log file."""
+    def _bars(self) -> bool | None:  # tqdm's `disable`: None draws bars on a terminal only, never into a log file
         return None if self.cfg.progress and self.dist.is_main else True
 
     def fit(self) -> dict:
         self._announce()
         self._open_outputs()
         epoch, final = self.start_epoch, None
-        epochs = tqdm(desc="epochs", disable=self._bars, initial=epoch, total=self.cfg.epochs)
+        epochs = tqdm(desc="epochs", disable=self._bars, initial=epoch, total=self.plan.epochs)
         self._sync_debug()
+        self._start_clock()
         try:
             with self.stop:
-                while epoch < self.cfg.epochs:  # read after each epoch: a time budget's refit may change it
+                while epoch < self.plan.epochs:  # read after each epoch: a time budget's re-plan may change it
                     final = self.run_epoch(epoch)
                     epoch += 1
-                    epochs.total = self.cfg.epochs
+                    epochs.total = self.plan.epochs
                     epochs.update(1)
                     epochs.set_postfix(test_acc=f"{final.accuracy:.2f}")
         finally:
@@ -101,11 +100,8 @@ class Trainer(Parts, State, RunLog):
         self.resumed_mid_epoch = False
         if self._agree_stop():  # a signal that came during the last evaluation or checkpoint
             self._save_and_stop(epoch)
-        self.mixup.mixup_enabled = self.cfg.mixing and epoch < self.cfg.epochs - self.cfg.mix_off_epochs
-        # a resumed epoch began before the stop: its steps then count toward elapsed_seconds too
-        epoch_start = time.perf_counter() - (self.carried.seconds if self.carried is not None else 0.0)
-        steps = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)  # the last may be partial
-        stats = self.train_steps(steps - self.train_loader.batch, epoch)
+        self.mixup.mixup_enabled = self.cfg.mixing and epoch < self.plan.epochs - self.cfg.mix_off_epochs
+        stats = self.train_steps(self.steps_per_epoch - self.train_loader.batch, epoch)  # ends early at the plan's end
         if self.carried is not None:
             stats, self.carried = self.carried + stats, None
         if self.stop.stop:
@@ -118,21 +114,23 @@ class Trainer(Parts, State, RunLog):
             self.carried, self.stop.stop = stats, True
             self._save_and_stop(epoch)
         eval_seconds = time.perf_counter() - eval_start
-        self.refit_budget(stats, eval_seconds)
-        row = self.log_epoch(epoch, stats, results, epoch_start, eval_seconds=eval_seconds)
+        self._check_budget(epoch + 1, eval_seconds)  # re-plan from the epoch's measured steps and evaluation
+        row = self.log_epoch(epoch, stats, results, eval_seconds=eval_seconds)
         self.checkpoint_epoch(epoch, results)
+        self.close_row(time.perf_counter() - eval_start - eval_seconds)  # the log and checkpoint count toward the time too
         self._print_epoch(epoch, row, results)
         return results.test
 
     def train_steps(self, n: int, epoch: int = 0) -> StepStats:
-        """Up to `n` optimizer steps from the loader's current position (fewer if a stop is agreed).
+        """Up to `n` optimizer steps from the loader's current position (fewer at the plan's end or a stop).
 
         Host synchronizations: one per --log-interval steps (the logged loss, and under torchrun the stop
         flags) and one at the end. Between them torchrun's ranks compare stop flags about once a second
         (host values through gloo, no GPU synchronization), so every rank stops at the same step, soon.
         """
         self.model.train()
-        bar = tqdm(total=n, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False, disable=self._bars)
+        bar = tqdm(total=min(n, self.plan.total_steps - self.step), desc=f"epoch {epoch + 1}/{self.plan.epochs}",
+                   leave=False, disable=self._bars)
         loss_sum = torch.zeros((), device=self.device)
         window = torch.zeros((), device=self.device)
         count, in_window = 0, 0
@@ -151,6 +149,10 @@ class Trainer(Parts, State, RunLog):
             elif self.agreement.poll(self.stop.stop):  # at once alone; under torchrun within about a second
                 self.stop.stop = True
                 break
+            if self.budget is not None and self.budget.due(self.step):
+                self._check_budget(epoch, bar=bar)
+            if self.step >= self.plan.total_steps:
+                break
         steps_here = torch.full((), float(count), device=self.device)
         loss_total, steps_total, stop = self._over_ranks(loss_sum, steps_here, self._stop_flag())
         self.stop.stop = stop > 0  # under torchrun: any rank's, so every rank leaves the epoch alike
@@ -162,8 +164,7 @@ class Trainer(Parts, State, RunLog):
         check_finite(self, mean_loss, epoch)
         return StepStats(mean_loss, seconds, count * self.cfg.batch_size * self.dist.world_size, count)
 
-    def _over_ranks(self, *values: torch.Tensor) -> list[float]:
-        """Scalars summed over all ranks in one all-reduce (under torchrun), read back in one synchronization."""
+    def _over_ranks(self, *values: torch.Tensor) -> list[float]:  # summed over the ranks in one all-reduce, read once
         summed = torch.stack([v.float() for v in values])
         if self.reduce is not None:
             self.reduce(summed)
@@ -172,8 +173,7 @@ class Trainer(Parts, State, RunLog):
     def _stop_flag(self) -> torch.Tensor:
         return torch.full((), float(self.stop.stop), device=self.device)
 
-    def _agree_stop(self) -> bool:
-        """Whether any rank was asked to stop (under torchrun an all-reduce, so all ranks agree)."""
+    def _agree_stop(self) -> bool:  # whether any rank was asked to stop (under torchrun an all-reduce: all agree)
         if self.dist.enabled:
             self.stop.stop = self._over_ranks(self._stop_flag())[0] > 0
         return self.stop.stop
@@ -215,7 +215,7 @@ class Trainer(Parts, State, RunLog):
         self.writer.add_scalar("train/lr", lr, self.step)
         bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.4f}")
         if bar.disable:  # no bar (a log file, a batch job): a plain line per logging interval instead
-            self.out(f"  step {self.step}/{self.total_steps} (epoch {epoch + 1}): loss {value:.4f}, lr {lr:.5f}")
+            self.out(f"  step {self.step}/{self.plan.total_steps} (epoch {epoch + 1}): loss {value:.4f}, lr {lr:.5f}")
         self.stop.stop = stop > 0
         return self.stop.stop
 
@@ -243,7 +243,6 @@ class Trainer(Parts, State, RunLog):
             return None
         common = math.ceil(len(loader.labels) // self.dist.world_size / loader.batch_size)
         return lambda i: i < common and self.agreement.meet(self.stop.stop)
-
 
 
 def train(cfg: TrainConfig, explicit: dict | None = None, out=print, command: str = "") -> dict:

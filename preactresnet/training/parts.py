@@ -5,7 +5,6 @@ precision), the data and loaders, the model (whitened or pretrained start, DDP, 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,14 +13,15 @@ import torch
 import torch.nn as nn
 from timm.loss import SoftTargetCrossEntropy
 
-from ..budget import fit_to_budget, measured, refit
+from ..budget import TimeBudget, plan_budget
 from ..checkpoint import WeightsMeta, portable_path
 from ..config import TrainConfig, parse_duration
 from ..data import BatchAugment, TensorLoader, load_dataset
 from ..distributed import Agreement, all_reduce_sum, wait_for_data
 from ..hub import load_pretrained_into
 from ..models import create_model
-from ..optim import build_ema, build_mixup, build_optimizer, build_scheduler, run_steps, warmup_steps
+from ..optim import build_ema, build_mixup, build_optimizer, build_scheduler
+from ..plan import RunPlan
 from ..system import (
     apply_process_settings, machine_description, resolve_amp, resolve_device, rng_state, seed_everything, set_deterministic, set_rng_state, tune_malloc,
 )
@@ -86,7 +86,7 @@ class Parts:
         self.amp_dtype = resolve_amp(cfg.amp, self.device)
         self.channels_last = use_channels_last(cfg)
 
-    def _build_data(self) -> None:
+    def _build_data(self, saved_plan: dict | None = None) -> None:
         cfg, shard = self.cfg, dict(rank=self.dist.rank, world_size=self.dist.world_size)
         first_on_node = self.dist.local_rank == 0  # each node builds its own cache: no shared folder assumed
         if not first_on_node:
@@ -112,8 +112,9 @@ class Parts:
         self.steps_per_epoch = len(self.train_loader)
         if cfg.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
-        self.total_steps = run_steps(cfg, self.steps_per_epoch)
         check_total_steps(cfg.total_steps, cfg.epochs, self.steps_per_epoch)
+        # the run's length: the config's, or a resumed time budget's plan as it was saved
+        self.plan = RunPlan.from_state(saved_plan) if saved_plan else RunPlan.of(cfg, self.steps_per_epoch)
 
     def _build_model(self, fresh: bool) -> None:
         """The network (pretrained or whitened start on a fresh run), on its device, wrapped for DDP/compile."""
@@ -145,7 +146,7 @@ class Parts:
     def _build_optimization(self) -> None:
         cfg = self.cfg
         self.optimizer = build_optimizer(cfg, self.model, self.lr_scale)
-        self.scheduler = build_scheduler(cfg, self.optimizer, self.steps_per_epoch, self.lr_scale)
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.plan, self.lr_scale)
         self.mixup = build_mixup(cfg, self.data.num_classes)
         self.criterion = SoftTargetCrossEntropy()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -163,45 +164,47 @@ class Parts:
         )
 
     def fit_budget(self) -> None:
-        """--time-budget: time real steps on this trainer, then start it over from the state it was built in
-        with the epochs and steps that fit: the same numbers as a run given them explicitly (tested)."""
+        """--time-budget: time real steps on this trainer, then start it over from the state it was built in with
+        the first plan (a fresh optimizer, schedule, scaler and EMA); the run re-plans from there (TimeBudget)."""
         start = {"model": {k: v.clone() for k, v in self.model.state_dict().items()},
                  "loader": self.train_loader.state_dict(), "rng": rng_state()}
         out, self.out = self.out, _silent  # the calibration's steps print nothing
+        self.plan = RunPlan(self.steps_per_epoch, 2**62, 0)  # calibration: steps without an end
         try:
-            choice = fit_to_budget(self, out)
+            self.plan, calibration = plan_budget(self, out)
         finally:
             self.out = out
-        self.cfg = dataclasses.replace(self.cfg, epochs=choice.epochs, total_steps=choice.total_steps)
         self.model.load_state_dict(start["model"])
         self.train_loader.load_state_dict(start["loader"])
         set_rng_state(start["rng"])
-        self.total_steps, self.step, self.budget = choice.total_steps, 0, choice.as_record()
-        self.agreement = Agreement(self.dist)
-        self._build_optimization()  # a fresh optimizer, schedule (sized for the plan), scaler and EMA
-        self.refitting = True  # until the warmup ends (budget.refit)
+        self.step, self.agreement = 0, Agreement(self.dist)
+        self.budget = TimeBudget(parse_duration(self.cfg.time_budget), calibration, self.plan, self.dist, self.clock)
+        self._build_optimization()
 
-    def refit_budget(self, stats, eval_seconds: float) -> None:
-        """At the end of an epoch inside the warmup, fit the plan again to this run's measured speed. The
-        steps taken so far followed the warmup, the same under any plan that does not cut it short, so the
-        run stays the one its final epochs and total_steps give explicitly; only the schedule's decay moves."""
-        cfg, warmup = self.cfg, warmup_steps(self.cfg, self.steps_per_epoch)
-        if not self.refitting or self.step > warmup or self.step >= self.total_steps:
-            self.refitting = False
+    def _start_clock(self) -> None:
+        """The run's clock starts at its first step; a resumed time budget says what is left of it."""
+        self.clock.start()
+        if self.budget is None:
             return
-        was = self.budget["calibrated_images_per_sec"]
-        cal = measured(self, stats, eval_seconds)
-        choice = refit(parse_duration(cfg.time_budget), self.steps_per_epoch, cal, self.step)
-        new_cfg = dataclasses.replace(cfg, epochs=choice.epochs, total_steps=choice.total_steps)
-        if warmup_steps(new_cfg, self.steps_per_epoch) != warmup:  # a plan that would cut the warmup: keep the old
+        self.budget.start(self.step)
+        if self.step:
+            spent, whole = self.clock.spent(), self.budget.seconds
+            self.out(f"time budget {self.cfg.time_budget}: {spent:.1f}s of {whole:.0f}s spent before the stop, "
+                     f"{max(whole - spent, 0):.1f}s left; {self.plan.total_steps - self.step} steps planned, re-planned as it goes")
+
+    def _check_budget(self, ended: int, eval_seconds: float | None = None, bar=None) -> None:
+        """--time-budget: measure the progress since the last check and re-plan if the budget's end moved;
+        `ended`: the epochs ended so far, `eval_seconds`: the evaluation of the epoch just ended."""
+        if self.budget is None:
             return
-        self.cfg, self.total_steps, self.budget = new_cfg, choice.total_steps, choice.as_record()
-        self.scheduler = build_scheduler(new_cfg, self.optimizer, self.steps_per_epoch, self.lr_scale)
-        self.scheduler.step_update(num_updates=self.step)  # the learning rate of the next step, as before
-        self.write_config()  # export and the model card read the plan from it
-        self.out(f"time budget {cfg.time_budget}: this run measured {cal.images_per_sec:.0f} images/s and "
-                 f"{cal.eval_seconds:.1f}s per evaluation (calibration: {was:.0f} images/s), so {choice.total_steps} "
-                 f"steps ({choice.total_steps / self.steps_per_epoch:.2f} epochs) in all")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the clock must count the work queued so far
+        line = self.budget.check(self.step, ended, eval_seconds)
+        if line:
+            self.out(line)
+            if bar is not None:
+                bar.total = bar.n + min(self.steps_per_epoch * (ended + 1), self.plan.total_steps) - self.step
+                bar.refresh()
 
     def _sync_debug(self) -> None:
         """--sync-debug: CUDA warns at each host synchronization (logging, epoch ends and checkpoints have some)."""

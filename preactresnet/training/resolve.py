@@ -1,6 +1,6 @@
 """Resolving a run once, in a fixed order: the saved state (--resume: the saved config wins), the system
 profile, validation, the run name; rank 0's result on every rank. Precision (precision.py) and the time
-budget (parts.Parts.fit_budget) follow in Trainer.from_config."""
+budget's first plan (parts.Parts.fit_budget) follow in Trainer.from_config."""
 
 from __future__ import annotations
 
@@ -53,7 +53,9 @@ def _resumed_config(cfg: TrainConfig, explicit: dict) -> tuple[TrainConfig, dict
 
 def _check_resumable(cfg: TrainConfig, state: dict, run_dir: Path, dist: DistInfo) -> None:
     """Refuse, in one line, a resume that could not continue exactly where the run stopped."""
-    finished = int(state["epoch"]) >= cfg.epochs  # nothing left to train: only evaluation runs
+    plan = state.get("plan")  # a time budget's length is its plan's, not the config's
+    epochs = -(-plan["total_steps"] // plan["steps_per_epoch"]) if plan else cfg.epochs
+    finished = int(state["epoch"]) >= epochs  # nothing left to train: only evaluation runs
     saved_world = int(state.get("world_size", dist.world_size))
     if saved_world != dist.world_size and not finished:
         launch = f"torchrun --nproc_per_node={saved_world} train.py" if saved_world > 1 else "python train.py"

@@ -5,7 +5,6 @@ ranks other than 0. `RunLog` is mixed into the Trainer.
 from __future__ import annotations
 
 import csv
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,9 +64,9 @@ class NullWriter:
 class RunLog:
     """What the Trainer writes and prints."""
 
-    def log_epoch(self, epoch: int, stats: StepStats, ev: EpochEval, epoch_start: float, eval_seconds: float = 0.0) -> dict:
+    def log_epoch(self, epoch: int, stats: StepStats, ev: EpochEval, eval_seconds: float = 0.0) -> dict:
         """One row of metrics.csv, and the same figures in TensorBoard (epoch_seconds: training steps only;
-        eval_seconds: this epoch's evaluation; elapsed_seconds: wall time since the run began)."""
+        eval_seconds: this epoch's evaluation; elapsed_seconds: the run's training seconds so far)."""
         row = {
             "epoch": epoch + 1,
             "step": self.step,
@@ -78,9 +77,8 @@ class RunLog:
             "images_per_sec": round(stats.images / max(stats.seconds, 1e-9), 1),
             "epoch_seconds": round(stats.seconds, 2),
             "eval_seconds": round(eval_seconds, 2),
-            # wall time since the run began, evaluation included: what "time to accuracy" means
-            "elapsed_seconds": round((self.history[-1]["elapsed_seconds"] if self.history else 0.0)
-                                     + time.perf_counter() - epoch_start, 2),
+            # wall time of steps, evaluations, logs and checkpoints (across resumes): what "time to accuracy" means
+            "elapsed_seconds": round(self.clock.spent(), 2),
         }
         if ev.val is not None:
             row.update(val_loss=round(ev.val.loss, 6), val_acc=round(ev.val.accuracy, 4))
@@ -88,14 +86,25 @@ class RunLog:
             row["ema_test_acc"] = round(ev.ema_test.accuracy, 4)
         if ev.ema_val is not None:
             row["ema_val_acc"] = round(ev.ema_val.accuracy, 4)
-        row.update(self.budget or {})
-        self._write_scalars(row, stats, ev)
+        budget = self.budget.record() if self.budget is not None else {}
+        row.update(budget)
+        self._write_scalars(row, stats, ev, budget)
         self.history.append(row)
-        if self.dist.is_main:
-            self._write_csv()
         return row
 
-    def _write_scalars(self, row: dict, stats: StepStats, ev: EpochEval) -> None:
+    def close_row(self, seconds: float) -> None:
+        """After the checkpoint: the epoch's row counts it (elapsed_seconds), and goes into metrics.csv; the budget
+        learns what the log and checkpoint cost (`seconds`)."""
+        if self.budget is not None:
+            self.budget.pause(seconds)
+        row = self.history[-1]
+        row["elapsed_seconds"] = round(self.clock.spent(), 2)
+        if "budget_spent_pct" in row:
+            row["budget_spent_pct"] = round(100 * row["elapsed_seconds"] / row["time_budget_s"], 2)
+        if self.dist.is_main:
+            self._write_csv()
+
+    def _write_scalars(self, row: dict, stats: StepStats, ev: EpochEval, budget: dict) -> None:
         w, step = self.writer, self.step
         w.add_scalar("train/epoch_loss", stats.loss, step)
         w.add_scalar("train/lr", row["lr"], step)
@@ -105,7 +114,7 @@ class RunLog:
             w.add_scalar(f"test_per_class/{c}", acc, step)
         w.add_scalar("perf/images_per_sec", row["images_per_sec"], step)
         w.add_scalar("perf/epoch_seconds", stats.seconds, step)
-        for key, value in (self.budget or {}).items():
+        for key, value in budget.items():
             w.add_scalar(f"budget/{key}", value, step)
         if ev.val is not None:
             w.add_scalar("val/loss", ev.val.loss, step)
@@ -120,7 +129,7 @@ class RunLog:
         extra = f", val {ev.val.accuracy:.2f}%" if ev.val is not None else ""
         extra += f", EMA test acc {ev.ema_test.accuracy:.2f}%" if ev.ema_test is not None else ""
         self.out(
-            f"epoch {epoch + 1}/{self.cfg.epochs}: train loss {row['train_loss']:.4f}, test loss {ev.test.loss:.4f}, "
+            f"epoch {epoch + 1}/{self.plan.epochs}: train loss {row['train_loss']:.4f}, test loss {ev.test.loss:.4f}, "
             f"test acc {ev.test.accuracy:.2f}%{extra}, {row['images_per_sec']:.0f} img/s, {row['epoch_seconds']:.1f}s"
         )
 
@@ -130,8 +139,9 @@ class RunLog:
         self.out(self.data.summary())
         self.out(
             f"device {self.device}, precision {self.amp_dtype or torch.float32}, channels_last {self.channels_last}, "
-            f"{self.steps_per_epoch} steps/epoch x {cfg.epochs} epochs"
-            + (f" ({self.total_steps} steps in all)" if self.total_steps != cfg.epochs * self.steps_per_epoch else "")
+            f"{self.steps_per_epoch} steps/epoch x {self.plan.epochs} epochs"
+            + (f" ({self.plan.total_steps} steps in all)" if self.plan.total_steps % self.steps_per_epoch else "")
+            + (" to start with: --time-budget re-plans them as it goes" if self.budget is not None else "")
         )
         if self.precision_line:
             self.out(self.precision_line)
@@ -156,7 +166,7 @@ class RunLog:
         self.writer = SummaryWriter(str(self.dirs.logs), purge_step=self.step if self.step else None)
 
     def write_config(self) -> None:
-        """checkpoints/<run>/config.yaml: the run's settings as they stand (a time budget's refit rewrites it)."""
+        """checkpoints/<run>/config.yaml: the run's resolved settings (a time budget's length is in the weights' metadata)."""
         if not self.dist.is_main:
             return
         self.dirs.checkpoints.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..budget import RunClock, TimeBudget
 from ..checkpoint import rank_state, save_state, save_weights
 from ..distributed import gather_objects
 from ..system import PRECISION_NAMES, rng_state, set_rng_state
@@ -40,7 +41,9 @@ class State:
             "mean": list(self.data.mean),
             "std": list(self.data.std),
             "model_args": self.model_args,
-            "budget": self.budget,
+            "plan": self.plan.state_dict(),  # the run's length (a time budget's as re-planned so far)
+            "budget": self.budget.state_dict() if self.budget is not None else None,
+            "spent_seconds": self.clock.spent(),  # a resumed time budget spends only what is left
         }
 
     def _rank_state(self) -> dict:
@@ -66,13 +69,24 @@ class State:
         self.scheduler.step_update(num_updates=self.step)
         self.best_metric, self.best_epoch = float(state["best_metric"]), int(state["best_epoch"])
         self.history = list(state["history"])
-        self.budget = state.get("budget")
         self.resumed_mid_epoch = self.train_loader.batch > 0
         if state.get("epoch_progress") and self.resumed_mid_epoch:
             self.carried = StepStats(**state["epoch_progress"])
+        self.clock = RunClock(state.get("spent_seconds", self._spent_before()))
+        if state.get("plan") and state.get("budget"):  # before the closed loop a resumed budget run kept its plan
+            self.budget = TimeBudget.from_state(state["budget"], self.plan, self.dist, self.clock)
         where = f"epoch {self.start_epoch + 1}" + (f", batch {self.train_loader.batch + 1}" if self.resumed_mid_epoch else "")
         moved = "" if same_device else f" (saved on {state['device_type']}: not bit-identical to staying there)"
         self.out(f"resumed {run_dir} at {where} (step {self.step}){moved}")
+
+    def _spent_before(self) -> float:
+        """A state saved before the run's clock was: its last epoch's elapsed seconds and the steps after them."""
+        spent = self.history[-1]["elapsed_seconds"] if self.history else 0.0
+        return spent + (self.carried.seconds if self.carried is not None else 0.0)
+
+    def _plan_meta(self) -> dict | None:
+        """The length a time budget chose, for the weights' metadata (export's recipe and model card read it)."""
+        return {"epochs": self.plan.epochs, "total_steps": self.plan.total_steps} if self.budget is not None else None
 
     def save_last(self, epoch: int) -> None:
         """State, then last weights, then EMA weights (before best): each file replaced atomically.
@@ -82,10 +96,10 @@ class State:
             return
         save_state(self.dirs.checkpoints / "last.state.pt", self._state(epoch, ranks))
         last = self.history[-1] if self.history else {}
-        meta = self.meta.at(epoch, test_accuracy=last.get("test_acc"))
+        meta = self.meta.at(epoch, plan=self._plan_meta(), test_accuracy=last.get("test_acc"))
         save_weights(self.dirs.checkpoints / "last.safetensors", self.model.state_dict(), meta)
         if self.ema is not None:
-            ema_meta = self.meta.at(epoch, ema=True, test_accuracy=last.get("ema_test_acc"))
+            ema_meta = self.meta.at(epoch, ema=True, plan=self._plan_meta(), test_accuracy=last.get("ema_test_acc"))
             save_weights(self.dirs.checkpoints / "ema.safetensors", self.ema.module.state_dict(), ema_meta)
 
     def checkpoint_epoch(self, epoch: int, ev: EpochEval) -> None:
@@ -102,7 +116,7 @@ class State:
         self.save_last(epoch + 1)
         if improved and self.dist.is_main:
             accuracies = {f"{key}_accuracy": chosen.accuracy, "test_accuracy": test.accuracy}
-            meta = self.meta.at(epoch + 1, ema=weights is not self.model, selected_on=split, **accuracies)
+            meta = self.meta.at(epoch + 1, ema=weights is not self.model, selected_on=split, plan=self._plan_meta(), **accuracies)
             save_weights(self.dirs.checkpoints / "best.safetensors", weights.state_dict(), meta)
 
     def _save_and_stop(self, epoch: int) -> None:

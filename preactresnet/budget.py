@@ -152,8 +152,7 @@ class TimeBudget:
         finish = now + expected_seconds(plan.total_steps, step, ended, spe, self.speed)
         if BAND[0] * self.seconds <= finish <= BAND[1] * self.seconds:
             return None
-        least = max(step, plan.warmup_steps) + 1  # one more step, so the decay ends; the warmup is never cut
-        total = fit_steps(self.seconds - now, step, ended, spe, self.speed, least)
+        total = fit_steps(self.seconds - now, step, ended, spe, self.speed, least=step + 1)  # at least one more step
         if total == plan.total_steps:
             return None
         was = plan.total_steps

@@ -14,23 +14,29 @@ from .config import TrainConfig
 class RunPlan:
     """The run's length in steps, and where the learning-rate schedule stands at each step.
 
-    The schedule is built once for `schedule_steps`; `knots` (step, schedule step) record where a re-plan
-    stretched the decay still to go over a new `total_steps`. No knots: the schedule step is the step."""
+    The schedule is built once for the first plan (`schedule_steps`, `schedule_warmup`); `knots` (step, schedule
+    step) record where a re-plan stretched what was still to go (the warmup's rest, the decay) over the steps now
+    planned. No knots: the schedule step is the step."""
 
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
     schedule_steps: int = 0  # the length the schedule was built for (the first plan's)
+    schedule_warmup: int = -1  # the warmup it was built with
+    warmup_wanted: int = -1  # what --warmup-epochs asks: a re-plan inside the warmup gives it back
     knots: list = field(default_factory=list)
 
     def __post_init__(self):
         self.schedule_steps = self.schedule_steps or self.total_steps
+        self.schedule_warmup = self.warmup_steps if self.schedule_warmup < 0 else self.schedule_warmup
+        self.warmup_wanted = self.warmup_steps if self.warmup_wanted < 0 else self.warmup_wanted
 
     @classmethod
     def of(cls, cfg: TrainConfig, steps_per_epoch: int, total_steps: int = 0) -> RunPlan:
         """--epochs/--total-steps (or `total_steps`), with --warmup-epochs cut short only by a shorter run."""
         total = total_steps or cfg.total_steps or cfg.epochs * steps_per_epoch
-        return cls(steps_per_epoch, total, min(int(round(cfg.warmup_epochs * steps_per_epoch)), total - 1))
+        wanted = int(round(cfg.warmup_epochs * steps_per_epoch))
+        return cls(steps_per_epoch, total, min(wanted, total - 1), warmup_wanted=wanted)
 
     @property
     def epochs(self) -> int:
@@ -51,16 +57,20 @@ class RunPlan:
         return self.schedule_steps
 
     def replan(self, step: int, total: int) -> None:
-        """`total` steps from now on; the schedule keeps its value at `step` and at the end of the warmup."""
-        at = max(step, self.warmup_steps)
-        assert total > at, "a re-plan keeps at least one step after the warmup and the steps taken"
-        here = self.schedule_step(at)
-        self.knots = [k for k in self.knots if k[0] < at] + [(at, here)]
-        self.total_steps = total
+        """`total` steps in all from `step` on: the schedule keeps its value at `step`; inside the warmup, the warmup
+        ends where --warmup-epochs asks (or one step before a shorter run's end), at the schedule's peak."""
+        assert total > step, "a re-plan keeps at least one step to take"
+        knots = [k for k in self.knots if k[0] < step] + [(step, self.schedule_step(step))]
+        if step < self.warmup_steps:
+            self.warmup_steps = max(step, min(self.warmup_wanted, total - 1))
+            if self.warmup_steps > step:
+                knots.append((self.warmup_steps, self.schedule_warmup))
+        self.knots, self.total_steps = knots, total
 
     def state_dict(self) -> dict:
         return {"steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
-                "schedule_steps": self.schedule_steps, "knots": [list(k) for k in self.knots]}
+                "schedule_steps": self.schedule_steps, "schedule_warmup": self.schedule_warmup,
+                "warmup_wanted": self.warmup_wanted, "knots": [list(k) for k in self.knots]}
 
     @classmethod
     def from_state(cls, state: dict) -> RunPlan:

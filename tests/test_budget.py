@@ -99,6 +99,18 @@ def test_the_schedule_follows_every_replan_continuously_to_its_minimum(schedule)
     assert max(steps) < 0.1 * 0.1, "no step changes the rate by more than a tenth of its peak"
 
 
+def test_a_first_plan_shorter_than_the_warmup_gets_the_whole_warmup_back():
+    """A calibration 8x too slow planned 30 steps, so the warmup of 50 asked for was cut to 29; the re-plan at step 5
+    to 200 steps gives it back: the rate rises without a jump to its peak at step 50, then decays to its minimum."""
+    cfg = TrainConfig(lr=0.1, warmup_lr=0.0, warmup_epochs=5, min_lr=0.0)
+    plan = RunPlan.of(cfg, 10, 30)
+    assert (plan.warmup_steps, plan.warmup_wanted) == (29, 50)
+    lrs, jumps, last = _lrs(plan, [(5, 200)], cfg)
+    assert plan.warmup_steps == 50 and len(lrs) == 200 and jumps[0][0] == pytest.approx(jumps[0][1])
+    assert max(lrs) == pytest.approx(0.1) and lrs.index(max(lrs)) == 50 and last == pytest.approx(0.0)
+    assert all(b > a for a, b in zip(lrs[:50], lrs[1:51])), "the warmup rises all the way"
+
+
 def test_a_fixed_plan_reads_the_schedule_at_the_step_itself():
     plan = RunPlan.of(TrainConfig(epochs=3, warmup_epochs=1), 10)
     assert (plan.total_steps, plan.warmup_steps) == (30, 10)

@@ -87,3 +87,38 @@ def test_options_dropout_and_zero_init():
     assert all((b.bn3.weight == 0).all() for stage in r.stages for b in stage)
     m.reset_classifier(3)
     assert m(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+STRIDED_1X1 = """
+import torch
+from preactresnet.models.layers import StridedPointwise
+torch.manual_seed(0)
+ic = {ic}
+layer, ref = StridedPointwise(ic, 16, 2), torch.nn.Conv2d(ic, 16, 1, 2, bias=False)
+ref.weight.data.copy_(layer.weight.data)
+x = torch.randn(3, ic, 32, 32)  # an odd batch: the shape oneDNN's strided 1x1 backward crashes on (nhwc, ic < 16)
+xl = x.to(memory_format=torch.channels_last).requires_grad_()
+layer.to(memory_format=torch.channels_last)(xl).square().sum().backward()
+x.requires_grad_()
+ref(x).square().sum().backward()  # contiguous: the path that computes it right
+assert torch.allclose(layer.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-3), (layer.weight.grad - ref.weight.grad).abs().max()
+assert torch.allclose(xl.grad, x.grad, rtol=1e-4, atol=1e-5)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("ic,kernels", [(8, {}), (4, {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"})],
+                         ids=["avx512-segfault-shape", "avx2-hang-shape"])
+def test_a_strided_1x1_conv_with_few_channels_trains_in_channels_last(ic, kernels):
+    """The projection shortcut of a narrow network (PreActResNet18 x0.125: 8 -> 16 channels; x0.0625: 4 -> 8) in
+    channels_last, backward at an odd batch, in its own process: on an AVX512-BF16 Zen 4 CPU plain nn.Conv2d ends in
+    SIGSEGV there, and under the AVX2 kernels it hangs (oneDNN#6035). On a CPU without the fault it checks the
+    same gradients as the contiguous layer."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "2", **kernels}
+    done = subprocess.run([sys.executable, "-c", STRIDED_1X1.format(ic=ic)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-2000:])

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+ONEDNN_IC_BLOCK = 16  # oneDNN's input-channel block on AVX512 (8 on AVX2): fewer channels meet the fault below
 
 
 def scaled(channels: int, width_mult: float, multiple_of: int = 1) -> int:
@@ -29,6 +32,21 @@ class ClassifierHead(nn.Module):
         x = x.mean(dim=(2, 3))
         x = self.drop(x)
         return x if pre_logits else self.fc(x)
+
+
+class StridedPointwise(nn.Conv2d):
+    """A strided 1x1 convolution (a projection shortcut), computed on a CPU with fewer than ONEDNN_IC_BLOCK input
+    channels as "subsample, then stride 1": the same weights, names and result. Written by hand because
+    oneDNN's strided 1x1 backward-weights writes past its reduce-to-unit-stride workspace there (nhwc): SIGSEGV
+    on AVX512 at odd batches, a hang on AVX2, or wrong gradients (uxlfoundation/oneDNN#6035; tests/test_models.py)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__(in_channels, out_channels, 1, stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == (1, 1) or self.in_channels >= ONEDNN_IC_BLOCK or x.device.type != "cpu":
+            return super().forward(x)
+        return F.conv2d(x[:, :, :: self.stride[0], :: self.stride[1]], self.weight)
 
 
 def init_weights(model: nn.Module) -> None:

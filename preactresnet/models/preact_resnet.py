@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import ClassifierHead, ZooNet, init_weights, scaled
+from .layers import ClassifierHead, StridedPointwise, ZooNet, init_weights, scaled
 from .registry import register_model
 
 __all__ = ["PreActBasicBlock", "PreActBottleneck", "PreActResNet"]
@@ -77,7 +77,7 @@ def _projection(in_planes: int, out_planes: int, stride: int) -> nn.Module | Non
     # Pre-activation projections are a bare 1x1 conv: the BN-ReLU before it is the block's own.
     if stride == 1 and in_planes == out_planes:
         return None
-    return nn.Conv2d(in_planes, out_planes, 1, stride, bias=False)
+    return StridedPointwise(in_planes, out_planes, stride)
 
 
 BLOCKS = {"basic": PreActBasicBlock, "bottleneck": PreActBottleneck}

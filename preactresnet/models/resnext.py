@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import ClassifierHead, ZooNet, init_weights, scaled
+from .layers import ClassifierHead, StridedPointwise, ZooNet, init_weights, scaled
 from .registry import register_model
 
 __all__ = ["ResNeXtBottleneck", "ResNeXt"]
@@ -33,7 +33,7 @@ class ResNeXtBottleneck(nn.Module):
         self.shortcut = None
         if stride != 1 or in_ch != out_ch:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch)
+                StridedPointwise(in_ch, out_ch, stride), nn.BatchNorm2d(out_ch)
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

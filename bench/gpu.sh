@@ -6,12 +6,16 @@
 #   4. host synchronizations per training step, and the CUDA-only tests
 #   5. training images/s of the trainer against the plain reference loop (same run)
 #   6. a short run of configs/fast.yaml (PreActResNet18, the GPU recipe)
-# Usage: timeout 480 bash bench/gpu.sh [DATA]   (DATA: CIFAR-10 archive/folder; default ../shared/data/cifar10-jpeg.tar.gz)
+# Usage: timeout 480 bash bench/gpu.sh [DATA]   (DATA: CIFAR-10 archive/folder; default: the sample bundled in the package)
 # Each step's output is in $OUT/<step>.log; a failing step is marked FAIL and the run goes on.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-DATA="${1:-../shared/data/cifar10-jpeg.tar.gz}"
+DATA="${1:-sample}"
 PY="${PYTHON:-python}"
+if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2> /dev/null; then
+    echo "bench/gpu.sh: no CUDA GPU here (torch.cuda.is_available() is False for $PY); run it on a machine with one" >&2
+    exit 2
+fi
 OUT="${OUT:-/tmp/preactresnet-gpu}"
 FAST_EPOCHS="${FAST_EPOCHS:-3}"
 mkdir -p "$OUT"
@@ -35,6 +39,7 @@ step() {
 
 TINY=(--config configs/demo.yaml --data-dir "$DATA" --epochs 1 --max-steps-per-epoch 50 --tta none "${DIRS[@]}")
 step train-one-gpu "final test accuracy|device" "$PY" train.py "${TINY[@]}" --run-name gpu-one
+grep -q "^device cuda" "$OUT/train-one-gpu.log" || printf 'train-on-cuda\tFAIL(the run did not report a CUDA device)\t0\t\n' >> "$ROWS"
 step torchrun-one "final test accuracy" "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train.py "${TINY[@]}" --run-name gpu-torchrun
 step test-cuda "test accuracy" "$PY" test.py --checkpoint "$OUT/checkpoints/gpu-one" --data-dir "$DATA" --device cuda
 mkdir -p "$OUT/images" && "$PY" - "$OUT/images" <<'PYEOF'

@@ -67,7 +67,8 @@ def cpu_name() -> str:
 
 def resolve_device(name: str = "auto") -> torch.device:
     """The device every entry point runs on. A GPU always comes with its index (cuda:N; for a bare 'cuda' the
-    local rank's under torchrun, else 0) and is made current: torch.cuda.set_device refuses a bare 'cuda'."""
+    local rank's under torchrun, else 0, and 0 where a launcher (SLURM --gpus-per-task, Kubernetes, MPI) left the
+    process one visible GPU) and is made current: torch.cuda.set_device refuses a bare 'cuda'."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(name)
@@ -75,9 +76,9 @@ def resolve_device(name: str = "auto") -> torch.device:
         return dev
     if not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu")
-    if dev.index is None:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     count = torch.cuda.device_count()
+    if dev.index is None:  # the local rank's GPU; a launcher that shows each process one GPU means that one
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if count > 1 else 0)
     if dev.index >= count:
         raise ValueError(f"--device {dev} was asked for, but PyTorch sees {count} GPU(s); use cuda:0 to cuda:{count - 1}")
     torch.cuda.set_device(dev)

@@ -72,7 +72,8 @@ def entry_points(tmp_path, checkpoint) -> dict:
     }
 
 
-@pytest.mark.parametrize("count,local_rank,expected", [(1, None, 0), (4, 3, 3)], ids=["one-gpu", "rank-3-of-4"])
+@pytest.mark.parametrize("count,local_rank,expected", [(1, None, 0), (4, 3, 3), (1, 3, 0)],
+                         ids=["one-gpu", "rank-3-of-4", "one-gpu-per-process"])  # SLURM --gpus-per-task: LOCAL_RANK=3, one GPU
 @pytest.mark.parametrize("entry", ["train", "test", "test_with_checkpoints", "predict", "optimize_system"])
 def test_every_entry_point_runs_on_an_indexed_gpu(entry, count, local_rank, expected, tmp_path, checkpoint, monkeypatch):
     run = entry_points(tmp_path, checkpoint)[entry]
@@ -89,3 +90,16 @@ def test_a_gpu_the_machine_lacks_is_a_one_line_error(tmp_path, monkeypatch, caps
         main_train(run_args(tmp_path, "--epochs", "1", "--device", "cuda:1"))
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("\n") == 1 and "sees 1 GPU(s); use cuda:0 to cuda:0" in err, err
+
+
+def test_the_gpu_acceptance_run_refuses_a_machine_without_a_gpu_in_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu.sh"
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "no CUDA GPU here" in done.stderr, done
+    assert not list(tmp_path.iterdir()), "it stops before running anything"

@@ -77,9 +77,8 @@ class Parts:
             applied = ", ".join(f"{k}={v}" for k, v in profile["applied"].items()) or "nothing new"
             self.out(f"using system profile {profile['path']} ({applied}); --profile off ignores it")
         self.device = resolve_device(cfg.device)  # a GPU comes indexed and current (set_device)
-        if self.dist.enabled and self.device.type == "cuda":  # under torchrun each rank takes its local GPU
-            self.device = torch.device("cuda", self.dist.local_rank)
-            torch.cuda.set_device(self.device)
+        if self.dist.enabled and self.device.type == "cuda":  # under torchrun each rank takes its own GPU
+            self.device = resolve_device("cuda")
         # Linear scaling rule (Goyal et al. 2017): the global batch grew world_size times. The config
         # keeps the unscaled values (a resume must use the same world size: training.resolve._check_resumable).
         self.lr_scale = self.dist.world_size if self.dist.enabled and cfg.scale_lr else 1
@@ -135,7 +134,7 @@ class Parts:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.forward, self.reduce = self.model, None  # what a step calls; how counts are summed over ranks
         if self.dist.enabled:
-            ids = [self.dist.local_rank] if self.device.type == "cuda" else None
+            ids = [self.device.index] if self.device.type == "cuda" else None
             # Broadcasts rank 0's weights; gradients live in the all-reduce buckets (no copy in and out).
             self.forward = nn.parallel.DistributedDataParallel(self.model, device_ids=ids, gradient_as_bucket_view=True)
             seed_everything(cfg.seed + self.dist.rank)  # different dropout masks on each rank

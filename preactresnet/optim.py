@@ -136,7 +136,7 @@ def ns_dtype_name(cfg: TrainConfig) -> str:
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, plan: RunPlan, lr_scale: float = 1) -> PlannedSchedule:
     """Linear warmup from warmup_lr to lr, then cosine (or linear) decay to min_lr, counted in steps of `plan`
     (a time budget's re-plans stretch the decay still to go: plan.RunPlan.schedule_step)."""
-    total, warmup = plan.schedule_steps, plan.warmup_steps
+    total, warmup = plan.schedule_steps, plan.schedule_warmup  # the first plan's: a re-plan moves only the knots
     common = dict(
         t_initial=max(1, total - warmup),
         lr_min=cfg.min_lr * lr_scale,

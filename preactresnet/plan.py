@@ -42,10 +42,6 @@ class RunPlan:
     def epochs(self) -> int:
         return math.ceil(self.total_steps / self.steps_per_epoch)
 
-    def steps_in_epoch(self, epoch: int) -> int:
-        """Steps of `epoch` in this plan (the last may be partial)."""
-        return max(0, min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch))
-
     def schedule_step(self, step: int) -> float:
         """Where the schedule stands after `step` steps: piecewise linear through the knots to its end."""
         if not self.knots or step <= self.knots[0][0]:

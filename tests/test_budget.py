@@ -109,6 +109,11 @@ def test_a_first_plan_shorter_than_the_warmup_gets_the_whole_warmup_back():
     assert plan.warmup_steps == 50 and len(lrs) == 200 and jumps[0][0] == pytest.approx(jumps[0][1])
     assert max(lrs) == pytest.approx(0.1) and lrs.index(max(lrs)) == 50 and last == pytest.approx(0.0)
     assert all(b > a for a, b in zip(lrs[:50], lrs[1:51])), "the warmup rises all the way"
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)  # a resume rebuilds the schedule from the state
+    resumed = build_scheduler(cfg, opt, RunPlan.from_state(plan.state_dict()))
+    for step in (5, 20, 50, 120, 199):
+        resumed.step_update(num_updates=step)
+        assert opt.param_groups[0]["lr"] == pytest.approx(lrs[step], rel=1e-12), step
 
 
 def test_a_fixed_plan_reads_the_schedule_at_the_step_itself():

@@ -11,6 +11,7 @@ from pathlib import Path
 from ..checkpoint import find_run, load_state, rank_state
 from ..config import RESUMABLE_OVERRIDES, ResolvedConfig, TrainConfig, from_dict
 from ..distributed import DistInfo, broadcast_object
+from ..plan import RunPlan
 from ..profile import load_profile
 from ..system import resolve_device
 
@@ -53,8 +54,7 @@ def _resumed_config(cfg: TrainConfig, explicit: dict) -> tuple[TrainConfig, dict
 
 def _check_resumable(cfg: TrainConfig, state: dict, run_dir: Path, dist: DistInfo) -> None:
     """Refuse, in one line, a resume that could not continue exactly where the run stopped."""
-    plan = state.get("plan")  # a time budget's length is its plan's, not the config's
-    epochs = -(-plan["total_steps"] // plan["steps_per_epoch"]) if plan else cfg.epochs
+    epochs = RunPlan.from_state(state["plan"]).epochs if state.get("plan") else cfg.epochs  # a time budget's is its plan's
     finished = int(state["epoch"]) >= epochs  # nothing left to train: only evaluation runs
     saved_world = int(state.get("world_size", dist.world_size))
     if saved_world != dist.world_size and not finished:

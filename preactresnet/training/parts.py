@@ -186,7 +186,7 @@ class Parts:
         if self.budget is None:
             return
         self.budget.start(self.step)
-        if self.step:
+        if 0 < self.step < self.plan.total_steps:  # resumed before its end (a finished run only evaluates)
             spent, whole = self.clock.spent(), self.budget.seconds
             self.out(f"time budget {self.cfg.time_budget}: {spent:.1f}s of {whole:.0f}s spent before the stop, "
                      f"{max(whole - spent, 0):.1f}s left; {self.plan.total_steps - self.step} steps planned, re-planned as it goes")

@@ -5,7 +5,8 @@ Each is built from the finished config by one function; timm supplies the algori
 
 from __future__ import annotations
 
-from functools import partial
+import inspect
+from functools import lru_cache, partial
 from unittest import mock
 
 import timm.optim.muon as timm_muon
@@ -41,7 +42,7 @@ def param_groups(cfg: TrainConfig, model: nn.Module) -> list[dict]:
     return groups
 
 
-FUSED_ON_CUDA = ("sgd", "adamw", "adagrad")  # torch's fused kernels (timm passes `fused` through)
+FUSED_KERNELS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW, "adagrad": torch.optim.Adagrad}  # timm builds these
 NS_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # --muon-ns-dtype, as spelled on the command line
 
 
@@ -79,8 +80,13 @@ class MuonNS(Muon):
         return result
 
     def _tensors(self, params) -> list[torch.Tensor]:
-        """The parameters and every floating-point state tensor (momentum, Adam moments) a step changes."""
-        state = [v for p in params for v in self.state.get(p, {}).values() if torch.is_tensor(v) and v.is_floating_point()]
+        """The parameters and every floating-point state tensor (momentum, Adam moments) a step changes, but the
+        step counters a non-capturable group keeps on the host: a device value written into one is a copy to the
+        host per tensor (36 synchronizations a step on a GPU). A skipped step still counts there."""
+        host = {id(s) for g in self.param_groups if not (g.get("capturable") or g.get("fused")) for p in g["params"]
+                if torch.is_tensor(s := self.state.get(p, {}).get("step"))}
+        state = [v for p in params for v in self.state.get(p, {}).values()
+                 if torch.is_tensor(v) and v.is_floating_point() and id(v) not in host]
         return [*params, *state]
 
     def _step(self, closure=None):
@@ -101,7 +107,8 @@ def newton_schulz(G, steps, coefficients, eps=timm_muon.MUON_EPS, safety_factor=
     (bench/precision.py), and the same result to rounding (tests/test_precision.py). Used in fp32 only.
     """
     if G.ndim != 2 or scale_eps or max(G.shape) < 2 * min(G.shape):
-        return _ZEROPOWER(G, steps, coefficients, eps, safety_factor, dtype, scale_eps)
+        extra = (scale_eps,) if scale_eps else ()  # timm 1.0.21 has no scale_eps
+        return _ZEROPOWER(G, steps, coefficients, eps, safety_factor, dtype, *extra)
     sequence = coefficients[:steps] + coefficients[-1:] * max(0, steps - len(coefficients))  # timm's padding
     X = G.to(dtype=dtype, copy=True)
     X = X.T if X.size(0) > X.size(1) else X
@@ -119,13 +126,37 @@ def newton_schulz(G, steps, coefficients, eps=timm_muon.MUON_EPS, safety_factor=
 def build_optimizer(cfg: TrainConfig, model: nn.Module, lr_scale: float = 1) -> torch.optim.Optimizer:
     groups, lr = param_groups(cfg, model), cfg.lr * lr_scale
     if cfg.optimizer == "muon":  # what timm's create_optimizer_v2('muon') builds, with the Newton-Schulz dtype
+        # step counters on the GPU (a skipped fp16 step is undone there too), where timm's Muon offers it
+        capturable = next(model.parameters()).is_cuda and "capturable" in inspect.signature(Muon).parameters
         return MuonNS(groups, ns_dtype=NS_DTYPES[ns_dtype_name(cfg)], lr=lr, weight_decay=cfg.weight_decay,
-                      momentum=cfg.momentum, nesterov=True)
+                      momentum=cfg.momentum, nesterov=True, **({"capturable": True} if capturable else {}))
     # timm's 'sgd' is Nesterov SGD; every group starts at the base lr (the scheduler applies 'lr_scale').
     extra = {}
-    if cfg.optimizer in FUSED_ON_CUDA and next(model.parameters()).is_cuda:
+    if wants_fused(cfg.optimizer, next(model.parameters()).device):
         extra["fused"] = True  # one kernel for all parameters, and GradScaler's fp16 check stays on the GPU
     return create_optimizer_v2(groups, opt=cfg.optimizer, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, **extra)
+
+
+def wants_fused(name: str, device: torch.device) -> bool:
+    """Fused kernels on a GPU, where the installed torch takes them (on a CPU its foreach kernels are as fast)."""
+    return device.type == "cuda" and fused_refusal(name, device) is None
+
+
+@lru_cache(maxsize=None)
+def fused_refusal(name: str, device: torch.device) -> str | None:
+    """None when the installed torch takes a fused step of `name` on `device`, else its reason, in one line.
+
+    Tried on a one-element parameter, not read from a version list: torch 2.5.1 refuses fused Adagrad on
+    CUDA ("requires all the params to be floating point Tensors of supported devices: ['cpu']"), 2.14 takes it."""
+    if name not in FUSED_KERNELS:
+        return f"torch has no fused {name}"
+    try:
+        param = torch.zeros(1, device=device, requires_grad=True)
+        param.grad = torch.ones_like(param)
+        FUSED_KERNELS[name]([param], lr=0.1, fused=True).step()
+    except (RuntimeError, ValueError, TypeError, AssertionError) as err:
+        return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return None
 
 
 def ns_dtype_name(cfg: TrainConfig) -> str:
@@ -170,4 +201,5 @@ def build_ema(cfg: TrainConfig, model: nn.Module) -> ModelEmaV3 | None:
     return ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup) if cfg.ema else None
 
 
-__all__ = ["MuonNS", "NS_DTYPES", "build_ema", "build_mixup", "build_optimizer", "build_scheduler", "ns_dtype_name", "param_groups"]
+__all__ = ["MuonNS", "NS_DTYPES", "build_ema", "build_mixup", "build_optimizer", "build_scheduler", "fused_refusal", "ns_dtype_name", "param_groups",
+           "wants_fused"]

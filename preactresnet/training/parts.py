@@ -20,7 +20,7 @@ from ..data import BatchAugment, TensorLoader, load_dataset
 from ..distributed import Agreement, all_reduce_sum, wait_for_data
 from ..hub import load_pretrained_into
 from ..models import create_model
-from ..optim import build_ema, build_mixup, build_optimizer, build_scheduler
+from ..optim import FUSED_KERNELS, build_ema, build_mixup, build_optimizer, build_scheduler, fused_refusal
 from ..plan import RunPlan
 from ..system import (
     apply_process_settings, machine_description, resolve_amp, resolve_device, rng_state, seed_everything, set_deterministic, set_rng_state, tune_malloc,
@@ -145,6 +145,9 @@ class Parts:
     def _build_optimization(self) -> None:
         cfg = self.cfg
         self.optimizer = build_optimizer(cfg, self.model, self.lr_scale)
+        refused = fused_refusal(cfg.optimizer, self.device) if self.device.type == "cuda" else None
+        if refused and cfg.optimizer in FUSED_KERNELS:
+            self.out(f"torch {torch.__version__} refuses fused {cfg.optimizer} on {self.device} ({refused}): its foreach kernels instead")
         self.scheduler = build_scheduler(cfg, self.optimizer, self.plan, self.lr_scale)
         self.mixup = build_mixup(cfg, self.data.num_classes)
         self.criterion = SoftTargetCrossEntropy()

@@ -53,10 +53,12 @@ class State:
         if state["model_args"]["num_classes"] != self.data.num_classes:
             raise ValueError(f"{run_dir} was trained on {state['model_args']['num_classes']} classes, this data has {self.data.num_classes}")
         self.model.load_state_dict(state["model"])
-        built = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(state["optimizer"])
-        for group, kernels in zip(self.optimizer.param_groups, built):
-            group.update(kernels)  # this device's kernels, not the saving run's (a GPU's fused=True on a CPU)
+        saved = state["optimizer"]
+        kernels = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g} for g in self.optimizer.param_groups]
+        # this device's kernels, not the saving run's (a GPU's fused=True on a CPU), set before loading: torch
+        # places each 'step' counter for the kernels of its group (fused: on the parameter's device)
+        groups = [{**group, **mine} for group, mine in zip(saved["param_groups"], kernels)]
+        self.optimizer.load_state_dict({**saved, "param_groups": groups})
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.module.load_state_dict(state["ema"])

@@ -28,7 +28,27 @@ from .profile import write_profile
 from .system import autocast, cpu_flags, cpu_has_bf16, cpu_name, cuda_has_bf16, resolve_device, tune_malloc
 
 
-def system_report(data_dir: str = "data", checkpoint_dir: str = "checkpoints") -> tuple[dict, list[str]]:
+def gpu_report(device: torch.device | None) -> list[dict]:
+    """Each visible GPU; free memory on `device` only (reading it opens a context, which a GPU in exclusive
+    mode held by another process refuses)."""
+    gpus = []
+    for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        props = torch.cuda.get_device_properties(i)
+        used = device is not None and device.type == "cuda" and device.index == i
+        free = torch.cuda.mem_get_info(i)[0] if used else None
+        gpu = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
+               "free_gib": round(free / 2**30, 1) if free is not None else "not read (not this run's GPU)",
+               "compute_capability": f"{props.major}.{props.minor}"}
+        for key, fn in (("utilization_pct", torch.cuda.utilization), ("temperature_c", torch.cuda.temperature)):
+            try:
+                gpu[key] = fn(i)
+            except Exception:  # needs pynvml / a driver that tells
+                gpu[key] = None
+        gpus.append(gpu)
+    return gpus
+
+
+def system_report(data_dir: str = "data", checkpoint_dir: str = "checkpoints", device: torch.device | None = None) -> tuple[dict, list[str]]:
     """Versions, GPUs, CPU features, memory and disk, plus warnings for what will be slow."""
     report: dict = {
         "os": f"{platform.system()} {platform.release()}",
@@ -49,17 +69,7 @@ def system_report(data_dir: str = "data", checkpoint_dir: str = "checkpoints") -
         report["ram_gib"] = round(pages * page / 2**30, 1)
     except (ValueError, OSError, AttributeError):
         report["ram_gib"] = None
-    for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
-        props = torch.cuda.get_device_properties(i)
-        free, total = torch.cuda.mem_get_info(i)
-        gpu = {"name": props.name, "memory_gib": round(total / 2**30, 1), "free_gib": round(free / 2**30, 1),
-               "compute_capability": f"{props.major}.{props.minor}"}
-        for key, fn in (("utilization_pct", torch.cuda.utilization), ("temperature_c", torch.cuda.temperature)):
-            try:
-                gpu[key] = fn(i)
-            except Exception:  # needs pynvml / a driver that tells
-                gpu[key] = None
-        report["gpus"].append(gpu)
+    report["gpus"] = gpu_report(device)
     for name, folder in (("data", data_dir), ("checkpoints", checkpoint_dir)):
         probe = Path(folder)
         while not probe.exists() and probe != probe.parent:
@@ -238,7 +248,7 @@ def run(args) -> None:
         raise ValueError(f"--batch-size must be >= 2, got {args.batch_size}")
     device = resolve_device(args.device)
     tune_malloc()
-    report, warnings = system_report(args.data_dir, args.checkpoint_dir)
+    report, warnings = system_report(args.data_dir, args.checkpoint_dir, device)
     print("system:")
     for k, v in report.items():
         if k != "gpus":

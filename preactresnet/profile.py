@@ -51,6 +51,7 @@ def write_profile(path: Path, device: torch.device, model: str, batch: int, rows
         "model": model,
         "width_mult": width_mult,
         "batch_size": batch,
+        "world_size": 1,  # optimize_system.py times one process: a --compile chosen here is not applied under torchrun
         "settings": {**to_train_settings(best), **(extra or {})},
         "tf32": best["amp"] == "tf32",
         "cudnn_benchmark": bool(best.get("cudnn_benchmark", False)),

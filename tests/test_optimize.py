@@ -76,6 +76,40 @@ def test_deterministic_wins_over_profile_compile(rows, tmp_path):
     assert Trainer.from_config(cfg, explicit, out=lambda *a: None).cfg.compile is False
 
 
+def test_a_compile_timed_in_one_process_is_not_applied_under_torchrun(rows, tmp_path):
+    """Item 6: optimize_system.py times one process; DDP's hooks and all-reduce were not in that timing."""
+    from preactresnet.training.resolve import _with_profile
+
+    path = tmp_path / "profile.json"
+    profile = write_profile(path, CPU, "preactresnet18", 8, rows)
+    profile["settings"]["compile"] = True
+    path.write_text(json.dumps(profile))
+    cfg, explicit = parse_args(["--data-dir", "sample", "--width-mult", "0.125", "--batch-size", "8", "--profile", str(path)])
+    warned = []
+    assert _with_profile(cfg, explicit, warned.append)[0].compile is True  # the world it was timed in
+    assert _with_profile(cfg, explicit, warned.append, 2)[0].compile is False
+    assert "1 process(es), this run has 2" in warned[-1]
+
+
+def test_the_report_reads_free_memory_on_this_runs_gpu_only(monkeypatch):
+    """Item 6: reading free memory opens a context; a GPU in exclusive mode held by another process refuses it."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    props = SimpleNamespace(name="GPU", total_memory=80 * 2**30, major=9, minor=0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
+
+    def mem_get_info(i):
+        if i != 0:
+            raise RuntimeError("CUDA error: all CUDA-capable devices are busy or unavailable")
+        return 70 * 2**30, 80 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    report, _ = system_report(device=torch.device("cuda", 0))
+    assert [g["free_gib"] for g in report["gpus"]][0] == 70.0 and report["gpus"][1]["memory_gib"] == 80.0
+
+
 def test_priority_failure_is_a_warning(monkeypatch):
     said = []
 

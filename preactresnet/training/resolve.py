@@ -24,7 +24,7 @@ def resolve_config(cfg: TrainConfig, explicit: dict, dist: DistInfo, warn=print)
         _check_resumable(cfg, state, run_dir, dist)
     cfg = cfg.validated()
     if state is None:  # a resumed run keeps the settings it was saved with
-        cfg, profile = _with_profile(cfg, explicit, warn)
+        cfg, profile = _with_profile(cfg, explicit, warn, dist.world_size)
     if not cfg.run_name:
         cfg = dataclasses.replace(cfg, run_name=f"{cfg.model}-{datetime.now():%Y%m%d-%H%M%S}")
     cfg, profile = broadcast_object((cfg, profile), dist)  # rank 0's settings on every rank: one run, not several
@@ -74,7 +74,7 @@ def _check_resumable(cfg: TrainConfig, state: dict, run_dir: Path, dist: DistInf
         )
 
 
-def _with_profile(cfg: TrainConfig, explicit: dict, warn) -> tuple[TrainConfig, dict | None]:
+def _with_profile(cfg: TrainConfig, explicit: dict, warn, world_size: int = 1) -> tuple[TrainConfig, dict | None]:
     """optimize_system.py's measured winner, for every setting the user did not give explicitly."""
     profile = load_profile(cfg.profile, cfg.model, resolve_device(cfg.device), warn=warn, shape=(cfg.width_mult, cfg.batch_size))
     if profile is None:
@@ -82,6 +82,11 @@ def _with_profile(cfg: TrainConfig, explicit: dict, warn) -> tuple[TrainConfig, 
     applied = {k: v for k, v in profile["settings"].items() if k not in explicit}
     if cfg.deterministic:
         applied.pop("compile", None)  # --deterministic always wins over the profile
+    timed_world = profile.get("world_size", 1)
+    if applied.get("compile") and world_size != timed_world:  # DDP's hooks and all-reduce were not in the timing
+        applied.pop("compile")
+        warn(f"warning: system profile {profile['path']} chose --compile timing {timed_world} process(es), this run has "
+             f"{world_size}: not applied (pass --compile to use it)")
     try:  # a profile is a file anyone can edit: its values pass the same checks as flags
         profiled = from_dict({**cfg.to_dict(), **applied}, where=profile["path"]).validated()
     except ValueError as err:

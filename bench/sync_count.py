@@ -25,6 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+WARM = 3  # steps not watched by CUDA's count: the first build constants and choose kernels once
 TENSOR_METHODS = ("item", "tolist", "nonzero", "__bool__", "cpu", "numpy")
 TORCH_FUNCTIONS = ("tensor", "as_tensor", "nonzero")
 ISSUE_COMMAND = [
@@ -78,13 +79,20 @@ def count_training(argv: list[str], where: str = "preactresnet/data/") -> tuple[
     from preactresnet.config import parse_args
 
     counter = SyncCounter(where)
+    counter.in_steps, counter.calls_in_steps, counter.steps_watched = 0, 0, 0  # inside the steps after the first WARM
     original = training.Trainer._step
 
     def step(self, x, y):
         if not counter.active and self.device.type == "cuda":
             torch.cuda.set_sync_debug_mode("warn")  # and CUDA's own account of every synchronization
         counter.active = True
-        return original(self, x, y)
+        before, calls = len(caught), counter.total
+        loss = original(self, x, y)
+        if self.step >= WARM:  # the first steps build constants and choose kernels once
+            counter.in_steps += sum("synchroniz" in str(w.message) for w in caught[before:])
+            counter.calls_in_steps += counter.total - calls
+            counter.steps_watched += 1
+        return loss
 
     cfg, explicit = parse_args(argv)
     training.Trainer._step = step
@@ -112,9 +120,15 @@ def main() -> None:
     print(f"python train.py {' '.join(flags)}")
     print(f"{counter.total} synchronizing calls from {args.where} in {steps} optimizer steps: "
           f"{counter.total / max(steps, 1):.2f} per step (counted from the first optimizer step on)")
+    watched = max(counter.steps_watched, 1)
     if torch.cuda.is_available() and "cpu" not in " ".join(flags):
         print(f"CUDA sync debug mode: {counter.cuda_syncs} synchronizations in the whole run (its logging, "
               f"evaluation and checkpoints included): {counter.cuda_syncs / max(steps, 1):.2f} per step")
+        print(f"inside the training steps: {counter.in_steps / watched:.2f} per step (CUDA sync debug mode, "
+              f"{counter.steps_watched} steps watched, the first {steps - counter.steps_watched} not)")
+    else:
+        print(f"inside the training steps: {counter.calls_in_steps / watched:.2f} per step (calls from {args.where}, "
+              f"{counter.steps_watched} steps watched, the first {steps - counter.steps_watched} not; a CPU has no CUDA sync debug mode)")
     print("| calls | site |\n|---:|---|")
     for site, n in counter.calls.most_common():
         print(f"| {n} | `{site}` |")

@@ -6,6 +6,7 @@ torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them everything here is a
 Two environment variables set the waits (seconds): PREACTRESNET_DIST_TIMEOUT, any collective (torch's
 default: 10 min with NCCL, 30 with gloo); PREACTRESNET_DATA_TIMEOUT, the wait for each node's first
 process to build the data cache (2 h by default: a first run may decode a large dataset).
+PREACTRESNET_CUDA_BACKEND=gloo runs several ranks on one GPU (a test of DDP on a one-GPU machine).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 TIMEOUT_ENV, DATA_TIMEOUT_ENV = "PREACTRESNET_DIST_TIMEOUT", "PREACTRESNET_DATA_TIMEOUT"
+CUDA_BACKEND_ENV = "PREACTRESNET_CUDA_BACKEND"  # nccl (default) or gloo: the process group's backend for CUDA tensors
 
 
 @dataclass(frozen=True)
@@ -44,8 +46,14 @@ def _seconds(env: str, default: float | None) -> timedelta | None:
 
 
 def backend_for(use_cuda: bool) -> str:
-    """gloo on CPUs; on GPUs NCCL for CUDA tensors and gloo for CPU ones (a config, a stop flag)."""
-    return "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
+    """gloo on CPUs; on GPUs NCCL for CUDA tensors and gloo for CPU ones (a config, a stop flag). Ranks that
+    share a GPU (more processes on this node than the GPUs they all see, or PREACTRESNET_CUDA_BACKEND=gloo)
+    use gloo for CUDA tensors too: NCCL refuses two ranks on one device."""
+    if not use_cuda:
+        return "gloo"
+    shared = "CUDA_VISIBLE_DEVICES" not in os.environ and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > torch.cuda.device_count()
+    cuda = os.environ.get(CUDA_BACKEND_ENV) or ("gloo" if shared else "nccl")
+    return f"cpu:gloo,cuda:{cuda}"
 
 
 def init_distributed(device: str = "auto") -> DistInfo:

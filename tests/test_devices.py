@@ -7,6 +7,10 @@ On a one-GPU machine `--device auto` used to resolve to a bare `cuda`, which `to
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -92,14 +96,27 @@ def test_a_gpu_the_machine_lacks_is_a_one_line_error(tmp_path, monkeypatch, caps
     assert exc.value.code == 2 and err.count("\n") == 1 and "sees 1 GPU(s); use cuda:0 to cuda:0" in err, err
 
 
-def test_the_gpu_acceptance_run_refuses_a_machine_without_a_gpu_in_one_line(tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+GPU_SH = Path(__file__).resolve().parents[1] / "bench" / "gpu.sh"
 
-    script = Path(__file__).resolve().parents[1] / "bench" / "gpu.sh"
+
+def test_the_gpu_acceptance_run_refuses_a_machine_without_a_gpu_in_one_line(tmp_path):
+    script = GPU_SH
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "no CUDA GPU here" in done.stderr, done
     assert not list(tmp_path.iterdir()), "it stops before running anything"
+
+
+@pytest.mark.slow(90)
+def test_every_gpu_acceptance_row_finds_its_line_in_its_cpu_form(tmp_path):
+    """bench/gpu.sh with GPU_SH_CPU=1: each row's command, small, on the CPU. Every row must succeed and its
+    pattern find a line; every check must find its figure. The CPU's sync counts must be 0 as a GPU's are."""
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path), "GPU_SH_CPU": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(["bash", str(GPU_SH)], env=env, capture_output=True, text=True, timeout=400)
+    rows = [line.split("\t") for line in (tmp_path / "table.tsv").read_text().splitlines()]
+    names = [r[0] for r in rows]
+    assert {"train-one-gpu", "torchrun-two", "test-cuda", "predict-cuda", "export", "throughput-r18", "demo-4-epochs",
+            "fast-yaml", "sync-off-muon"} <= set(names), names
+    failed = [r for r in rows if r[1] != "ok" or "no line matches" in r[-1] or "not found" in r[-1]]
+    assert not failed and done.returncode == 0, (failed, done.stdout[-2000:])
+    assert sum(name.startswith("check ") for name in names) == 4

@@ -97,6 +97,23 @@ def test_evaluation_scores_one_model_on_every_rank(tmp_path):
     assert float(rows[-1]["test_loss"]) == pytest.approx(alone.loss, rel=1e-4), "the figures mix two models' statistics"
 
 
+@pytest.mark.slow(70)
+def test_compile_runs_through_the_trainer_alone_and_under_ddp(tmp_path):
+    """Item 6: --compile (inductor on the CPU) through the Trainer's steps, evaluation and checkpoint, in one
+    process and in two (DDP on gloo): the weights of the run without it, to rounding, with no wrapper prefix."""
+    common, out = [a for a in COMMON if a != "--deterministic"], outputs(tmp_path)
+    run_ranks(_fit, 1, [*common, *out, "--batch-size", "16", "--run-name", "eager"])
+    for name, world in (("compiled", 1), ("ddp-compiled", 2)):
+        run_ranks(_fit, world, [*common, *out, "--batch-size", str(16 // world), "--run-name", name, "--compile"], timeout=240)
+    eager = load_file(tmp_path / "ck" / "eager" / "last.safetensors")
+    for name in ("compiled", "ddp-compiled"):
+        weights = load_file(tmp_path / "ck" / name / "last.safetensors")
+        assert weights.keys() == eager.keys(), f"{name}: {sorted(set(weights) ^ set(eager))[:4]}"
+    compiled = load_file(tmp_path / "ck" / "compiled" / "last.safetensors")
+    for k in eager:
+        assert torch.allclose(compiled[k], eager[k], atol=1e-3, rtol=1e-3), k
+
+
 def _bucket_views(rank, argv):
     """Gradient storage after each zero_grad of 3 real steps: in place (DDP's buckets) or dropped (None)."""
     t = _build(argv)
@@ -150,6 +167,7 @@ def test_process_group_backend_serves_cpu_and_cuda_tensors(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.append(("init", kw["backend"])))
     monkeypatch.setattr(dist, "new_group", lambda **kw: calls.append(("group", kw["backend"])) or "gloo-group")
@@ -158,6 +176,22 @@ def test_process_group_backend_serves_cpu_and_cuda_tensors(monkeypatch):
     calls.clear()
     d.init_distributed("cpu")
     assert calls == [("init", "gloo"), ("group", "gloo")]  # the default group serves host values; the data wait has its own
+
+
+def test_ranks_sharing_a_gpu_use_gloo_for_cuda_tensors(monkeypatch):
+    """NCCL refuses two ranks on one device ("Duplicate GPU detected"): two processes on a one-GPU machine
+    (bench/gpu.sh's DDP row) take gloo for CUDA tensors; ranks shown one GPU each keep NCCL."""
+    import preactresnet.distributed as d
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv(d.CUDA_BACKEND_ENV, raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert d.backend_for(True) == "cpu:gloo,cuda:gloo"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # a launcher that shows each process its own GPU
+    assert d.backend_for(True) == "cpu:gloo,cuda:nccl"
+    monkeypatch.setenv(d.CUDA_BACKEND_ENV, "gloo")
+    assert d.backend_for(True) == "cpu:gloo,cuda:gloo" and d.backend_for(False) == "gloo"
 
 
 def _budgeted(rank, argv):

@@ -59,6 +59,15 @@ def _build(argv):
     return Trainer.from_config(cfg, explicit, out=lambda *a: None)
 
 
+def _fit_compiling(rank, argv):
+    """A forked rank compiles in its own process: inductor's pool of compile workers, started in a fork of a
+    process with threads, can wait forever."""
+    import torch._inductor.config
+
+    torch._inductor.config.compile_threads = 1
+    return _fit(rank, argv)
+
+
 def _fit(rank, argv, batch_free=False):
     if batch_free:
         _batch_free_model()
@@ -97,14 +106,15 @@ def test_evaluation_scores_one_model_on_every_rank(tmp_path):
     assert float(rows[-1]["test_loss"]) == pytest.approx(alone.loss, rel=1e-4), "the figures mix two models' statistics"
 
 
-@pytest.mark.slow(70)
+@pytest.mark.slow(100)
 def test_compile_runs_through_the_trainer_alone_and_under_ddp(tmp_path):
     """Item 6: --compile (inductor on the CPU) through the Trainer's steps, evaluation and checkpoint, in one
     process and in two (DDP on gloo): the weights of the run without it, to rounding, with no wrapper prefix."""
     common, out = [a for a in COMMON if a != "--deterministic"], outputs(tmp_path)
     run_ranks(_fit, 1, [*common, *out, "--batch-size", "16", "--run-name", "eager"])
     for name, world in (("compiled", 1), ("ddp-compiled", 2)):
-        run_ranks(_fit, world, [*common, *out, "--batch-size", str(16 // world), "--run-name", name, "--compile"], timeout=240)
+        run_ranks(_fit_compiling, world, [*common, *out, "--batch-size", str(16 // world), "--run-name", name, "--compile"],
+                  timeout=400)
     eager = load_file(tmp_path / "ck" / "eager" / "last.safetensors")
     for name in ("compiled", "ddp-compiled"):
         weights = load_file(tmp_path / "ck" / name / "last.safetensors")
@@ -126,7 +136,7 @@ def _bucket_views(rank, argv):
     t.optimizer.zero_grad = watched
     t.train_loader.set_epoch(0)
     t.train_steps(3)
-    return t.forward.gradient_as_bucket_view, seen
+    return t.train_module.gradient_as_bucket_view, seen
 
 
 def test_ddp_gradients_stay_in_its_buckets_across_steps(tmp_path):

@@ -46,7 +46,9 @@ class StridedPointwise(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride == (1, 1) or self.in_channels >= ONEDNN_IC_BLOCK or x.device.type != "cpu":
             return super().forward(x)
-        return F.conv2d(x[:, :, :: self.stride[0], :: self.stride[1]], self.weight)
+        sub = x[:, :, :: self.stride[0], :: self.stride[1]]
+        # dense: torch.compile handed the strided view to oneDNN as it was (NaN from step 1 under AVX2 kernels, 1 thread)
+        return F.conv2d(sub.clone(memory_format=torch.preserve_format), self.weight)
 
 
 def init_weights(model: nn.Module) -> None:

@@ -3,6 +3,7 @@ with each commit's code (a git worktree), weights compared tensor by tensor.
 
     python bench/same_numbers.py c6701cf --fixed          # every machine-dependent choice fixed
     python bench/same_numbers.py HEAD~1                   # the demo recipe as it is (Muon, whitening, auto precision)
+    python bench/same_numbers.py ff6ffb0 --fixed-precision  # the demo recipe, fp32 network and orthogonalization
 
 --fixed adds --optimizer sgd --lr 0.1 --amp off --channels-last off --no-whiten-stem (what c6701cf and
 today's code choose alike on any machine). Both runs use this machine, one after the other.
@@ -22,6 +23,7 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXED = ["--optimizer", "sgd", "--lr", "0.1", "--amp", "off", "--channels-last", "off", "--no-whiten-stem"]
+PRECISION = ["--amp", "off", "--muon-ns-dtype", "fp32"]  # the demo recipe itself, with the timed precision choices fixed
 
 
 def train(code: Path, out: Path, args: list[str]) -> dict[str, torch.Tensor]:
@@ -41,10 +43,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("commit", help="the commit to compare with (c6701cf, HEAD~1, ...)")
     ap.add_argument("--fixed", action="store_true", help="fix every machine-dependent choice (SGD, fp32, NCHW, no whitening)")
+    ap.add_argument("--fixed-precision", action="store_true", help="the demo recipe with --amp off --muon-ns-dtype fp32: "
+                    "no timed choice between the two runs")
     ap.add_argument("--epochs", default="2", help="epochs of the demo recipe to train")
     ap.add_argument("--max-steps-per-epoch", default="20", help="steps per epoch")
     args = ap.parse_args()
     extra = ["--epochs", args.epochs, "--max-steps-per-epoch", args.max_steps_per_epoch] + (FIXED if args.fixed else [])
+    extra += PRECISION if args.fixed_precision and not args.fixed else []
     with tempfile.TemporaryDirectory(prefix="same-") as tmp:
         tmp = Path(tmp)
         other = tmp / "other"

@@ -44,6 +44,14 @@ def _recipe(checkpoint: Path) -> dict:
     return {}
 
 
+def _selection(config: dict) -> str:
+    chosen = {
+        "validation": "best epoch, chosen on a held-out validation split",
+        "test": "best epoch, chosen on the TEST set: its test accuracy is optimistic",
+    }.get(config.get("selected_on"), "weights after the epoch named")
+    return chosen + ("; EMA weights" if config.get("ema") else "")
+
+
 def model_card(config: dict) -> str:
     acc = config.get("test_accuracy")
     acc_text = f"{acc:.2f}%" if isinstance(acc, (int, float)) else "not measured"
@@ -51,13 +59,7 @@ def model_card(config: dict) -> str:
     epochs = recipe.get("epochs", "?")
     data = config.get("data_description") or f"{config.get('dataset', 'cifar10')} test split"
     command = config.get("command") or "python train.py (command not recorded)"
-    name = config["model"]
-    chosen = {
-        "validation": "best epoch, chosen on a held-out validation split",
-        "test": "best epoch, chosen on the TEST set: its test accuracy is optimistic",
-    }.get(config.get("selected_on"), "weights after the epoch named")
-    if config.get("ema"):
-        chosen += "; EMA weights"
+    name, chosen = config["model"], _selection(config)
     return f"""---
 library_name: preactresnet
 tags: [image-classification, cifar10, {name}]

@@ -139,7 +139,7 @@ def test_one_ranks_non_finite_loss_stops_every_rank_at_the_log_step(tmp_path):
 
     cfg, explicit = parse_args(run_args(tmp_path, "--log-interval", "2", "--epochs", "1"))
     t = Trainer.from_config(cfg, explicit, out=lambda *a: None)
-    t.reduce = lambda values: values.fill_(float("nan"))  # what an all-reduce returns when another rank diverged
+    t.all_reduce = lambda values: values.fill_(float("nan"))  # what an all-reduce returns when another rank diverged
     with pytest.raises(NonFiniteLoss, match="step 2"):
         t.train_steps(3)
 

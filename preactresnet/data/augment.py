@@ -127,6 +127,20 @@ class BatchAugment:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     # -- parameters --------------------------------------------------------------------------
+    def _jitter_mask(self, params: dict, batch: int, u: torch.Tensor, host, generator, device) -> torch.Tensor:
+        """Which samples get colour jitter. With a host seed, without reading the device: a binomial count
+        drawn on the host, then that many samples chosen uniformly on the device. Together that is exactly
+        the independent per-sample coin of torchvision's RandomApply, and the count is known here."""
+        if host is None:
+            return u[:, 4] < self.config.jitter_prob
+        p = self.config.jitter_prob
+        count = sum(host.random() < p for _ in range(batch)) if p > 0 else 0
+        params["jitter_index"] = (
+            torch.randperm(batch, generator=generator, device=device)[:count] if count
+            else torch.zeros(0, dtype=torch.int64, device=device)
+        )
+        return torch.zeros(batch, dtype=torch.bool, device=device).index_fill_(0, params["jitter_index"], True)
+
     def sample_params(self, batch: int, height: int, width: int, device, generator=None, seed=None) -> dict:
         """Draw every sample's own parameters (offsets, flips, jitter factors, erase boxes).
 
@@ -147,18 +161,7 @@ class BatchAugment:
             "dx": torch.where(crop, offsets[:, 1], centre),
             "flip": u[:, 3] < cfg.flip_prob,
         }
-        if host is not None:
-            # Which samples get jitter, without reading the device: a binomial count drawn on the host,
-            # then that many samples chosen uniformly on the device. Together that is exactly the
-            # independent per-sample coin of torchvision's RandomApply, and the count is known here.
-            count = sum(host.random() < cfg.jitter_prob for _ in range(batch)) if cfg.jitter_prob > 0 else 0
-            params["jitter_index"] = (
-                torch.randperm(batch, generator=generator, device=device)[:count] if count
-                else torch.zeros(0, dtype=torch.int64, device=device)
-            )
-            jitter = torch.zeros(batch, dtype=torch.bool, device=device).index_fill_(0, params["jitter_index"], True)
-        else:
-            jitter = u[:, 4] < cfg.jitter_prob
+        jitter = self._jitter_mask(params, batch, u, host, generator, device)
         one = torch.ones(batch, device=device)
         for col, name in ((5, "brightness"), (6, "contrast"), (7, "saturation")):
             s = getattr(cfg, name)

@@ -93,6 +93,20 @@ def _read_cache(path: Path, fingerprint: str) -> tuple[dict[str, torch.Tensor], 
     return tensors, meta
 
 
+def _available_source(dataset: str, data_dir: str | os.PathLike, download: bool):
+    """Where the data is: a copy found in `data_dir`, or the official archive downloaded there."""
+    source = resolve_source(data_dir, dataset)
+    if source.kind != "download":
+        return source
+    if not download:
+        raise DataError(
+            f"no {dataset} data found in {source.path}; pass --data-dir PATH to a copy you have "
+            "(official archive or folder, or a train/ test/ image tree), or allow the download"
+        )
+    download_official(source.path, dataset)
+    return resolve_source(data_dir, dataset)  # now the verified official archive
+
+
 def load_dataset(
     dataset: str = "cifar10",
     data_dir: str | os.PathLike = "data",
@@ -106,15 +120,7 @@ def load_dataset(
     The cache defaults to `<data_dir>/cache` when data_dir is a writable folder, else `data/cache`.
     """
     dataset = dataset.lower()
-    source = resolve_source(data_dir, dataset)
-    if source.kind == "download":
-        if not download:
-            raise DataError(
-                f"no {dataset} data found in {source.path}; pass --data-dir PATH to a copy you have "
-                "(official archive or folder, or a train/ test/ image tree), or allow the download"
-            )
-        download_official(source.path, dataset)
-        source = resolve_source(data_dir, dataset)  # now the verified official archive
+    source = _available_source(dataset, data_dir, download)
     if cache_dir is None:
         base = Path(data_dir)
         cache_dir = base / "cache" if base.is_dir() and os.access(base, os.W_OK) else Path("data") / "cache"

@@ -40,15 +40,10 @@ class TensorLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.device = torch.device(device)
-        self.images = images.to(self.device, non_blocking=True)
-        self.labels = labels.to(self.device, non_blocking=True)
-        self.batch_size = batch_size
-        self.train = train
-        self.transform = transform
+        self.images, self.labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        self.batch_size, self.train, self.transform = batch_size, train, transform
         self._takes_seed = "seed" in inspect.signature(transform).parameters
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch = 0
         self.batch = 0  # batches of the current epoch already handed out
         self.generator = torch.Generator(device=self.device)

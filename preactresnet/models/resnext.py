@@ -44,6 +44,15 @@ class ResNeXtBottleneck(nn.Module):
         return F.relu(out + shortcut)
 
 
+def _check_args(depth: int, cardinality: int, base_width: int, width_mult: float) -> None:
+    if (depth - 2) % 9 != 0 or depth < 11:
+        raise ValueError(f"depth must be 9n+2 (11, 20, 29, ...), got {depth}")
+    if cardinality < 1 or base_width < 1:
+        raise ValueError(f"cardinality and base_width must be >= 1, got {cardinality}, {base_width}")
+    if width_mult <= 0:
+        raise ValueError(f"width_mult must be > 0, got {width_mult}")
+
+
 class ResNeXt(ZooNet):
     """CIFAR ResNeXt of depth 9n+2 (29 -> three blocks a stage), any cardinality and base width d."""
 
@@ -59,12 +68,7 @@ class ResNeXt(ZooNet):
         in_chans: int = 3,
     ):
         super().__init__()
-        if (depth - 2) % 9 != 0 or depth < 11:
-            raise ValueError(f"depth must be 9n+2 (11, 20, 29, ...), got {depth}")
-        if cardinality < 1 or base_width < 1:
-            raise ValueError(f"cardinality and base_width must be >= 1, got {cardinality}, {base_width}")
-        if width_mult <= 0:
-            raise ValueError(f"width_mult must be > 0, got {width_mult}")
+        _check_args(depth, cardinality, base_width, width_mult)
         self.num_classes = num_classes
         blocks_per_stage = (depth - 2) // 9
         stem = scaled(64, width_mult)

@@ -1,10 +1,11 @@
 """Training: one run of the spec's recipe, with exact resume, atomic checkpoints, TensorBoard, CSV and curves.
 
     loop.py      Trainer: from_config resolves the run once, fit -> run_epoch -> train_steps -> _step
+    resolve.py   the config resolved once: flags, YAML, a resumed run's saved config, the system profile
     parts.py     building the parts in a fixed order: process, data, model, optimization
     state.py     the training state (each object through its own state_dict), resume, the save rules
     runlog.py    console, metrics.csv, TensorBoard, figures, the final report (rank 0 only)
-    stopping.py  signals, what a stop raises, the resume hint
+    stopping.py  StopControl (signals, the ranks' agreement), what a stop raises, the resume hint
 
 `train(cfg)` and `Trainer.from_config(cfg).fit()` are the public entry points.
 """
@@ -13,9 +14,9 @@ from ..optim import build_mixup, build_optimizer, build_scheduler
 from .loop import Trainer, train
 from .parts import RunDirs, check_total_steps, use_channels_last
 from .runlog import EpochEval, NullWriter, StepStats
-from .stopping import NonFiniteLoss, StopFlag, Stopped, resume_command
+from .stopping import NonFiniteLoss, StopControl, Stopped, resume_command
 
 __all__ = [
-    "EpochEval", "NonFiniteLoss", "NullWriter", "RunDirs", "StepStats", "StopFlag", "Stopped", "Trainer", "build_mixup",
+    "EpochEval", "NonFiniteLoss", "NullWriter", "RunDirs", "StepStats", "StopControl", "Stopped", "Trainer", "build_mixup",
     "build_optimizer", "build_scheduler", "check_total_steps", "resume_command", "train", "use_channels_last",
 ]

@@ -6,7 +6,6 @@ and stopping (stopping.py) live beside it."""
 from __future__ import annotations
 
 import itertools
-import math
 import time
 
 import torch
@@ -17,14 +16,14 @@ from tqdm.auto import tqdm
 from ..budget import RunClock, TimeBudget
 from ..config import ResolvedConfig, TrainConfig
 from .resolve import resolve_config
-from ..distributed import Agreement, DistInfo, broadcast_buffers, init_distributed
+from ..distributed import DistInfo, broadcast_buffers, init_distributed
 from ..evaluation import EvalResult, EvaluationStopped, evaluate
 from ..precision import resolve_precision
 from ..system import autocast
 from .parts import Parts, RunDirs, use_channels_last
 from .runlog import EpochEval, NullWriter, RunLog, StepStats, _silent
 from .state import State
-from .stopping import StopFlag, check_finite
+from .stopping import StopControl, check_finite
 
 
 class Trainer(Parts, State, RunLog):
@@ -42,13 +41,12 @@ class Trainer(Parts, State, RunLog):
         self._build_optimization()
         self.meta = self._weights_meta()
         self.clock = RunClock()  # the seconds this run has spent training (a resume carries them on)
-        self.budget: TimeBudget | None = None  # --time-budget's closed loop (fit_budget, or the resumed state)
+        self.budget: TimeBudget | None = None  # --time-budget's closed loop (calibrate_budget, or the resumed state)
         self.precision_line = (run.precision or {}).get("line")  # why --amp/--muon-ns-dtype auto chose what it did
-        self.writer, self.stop = NullWriter(), StopFlag()
-        self.agreement = Agreement(self.dist)  # when the ranks compare their stop flags
+        self.writer, self.stop = NullWriter(), StopControl(self.dist)
         self.start_epoch, self.step, self.history = 0, 0, []
         self.best_metric, self.best_epoch, self.resumed_mid_epoch = -1.0, -1, False
-        self.carried: StepStats | None = None  # the current epoch's steps before a mid-epoch resume
+        self.epoch_so_far: StepStats | None = None  # the current epoch's steps before a mid-epoch resume
         if run.state is not None:
             self._load_state(run.state, run.run_dir)
 
@@ -61,18 +59,18 @@ class Trainer(Parts, State, RunLog):
         run = resolve_precision(run, dist, num_classes, use_channels_last(run.cfg))
         trainer = cls(run, dist, out=out, command=command)
         if run.cfg.time_budget and not run.cfg.total_steps and run.state is None:
-            trainer.fit_budget()  # times steps on itself, then starts over with the first plan
+            trainer.calibrate_budget()  # times steps on itself, then starts over with the first plan
         return trainer
 
     @property
-    def _bars(self) -> bool | None:  # tqdm's `disable`: None draws bars on a terminal only, never into a log file
+    def _no_bars(self) -> bool | None:  # tqdm's `disable`: None draws bars on a terminal only, never into a log file
         return None if self.cfg.progress and self.dist.is_main else True
 
     def fit(self) -> dict:
         self._announce()
         self._open_outputs()
         epoch, final = self.start_epoch, None
-        epochs = tqdm(desc="epochs", disable=self._bars, initial=epoch, total=self.plan.epochs)
+        epochs = tqdm(desc="epochs", disable=self._no_bars, initial=epoch, total=self.plan.epochs)
         self._sync_debug()
         self._start_clock()
         try:
@@ -90,7 +88,7 @@ class Trainer(Parts, State, RunLog):
         self.writer.close()
         self._write_curves()
         if final is None:  # resumed a finished run
-            final = evaluate(self.model, self.test_loader, self.data.num_classes, self.amp_dtype, self.reduce)
+            final = evaluate(self.model, self.test_loader, self.data.num_classes, self.amp_dtype, self.all_reduce)
         return self._report(final)
 
     def run_epoch(self, epoch: int) -> EvalResult:
@@ -98,24 +96,27 @@ class Trainer(Parts, State, RunLog):
         if not self.resumed_mid_epoch:
             self.train_loader.set_epoch(epoch)
         self.resumed_mid_epoch = False
-        if self._agree_stop():  # a signal that came during the last evaluation or checkpoint
+        if self.dist.enabled:  # a signal during the last epoch's end, on any rank
+            self.stop.agreed(self._over_ranks(self.stop.flag(self.device))[0])
+        if self.stop.requested:
             self._save_and_stop(epoch)
         self.mixup.mixup_enabled = self.cfg.mixing and epoch < self.plan.epochs - self.cfg.mix_off_epochs
         stats = self.train_steps(self.steps_per_epoch - self.train_loader.batch, epoch)  # ends early at the plan's end
-        if self.carried is not None:
-            stats, self.carried = self.carried + stats, None
-        if self.stop.stop:
-            self.carried = stats
+        if self.epoch_so_far is not None:
+            stats, self.epoch_so_far = self.epoch_so_far + stats, None
+        if self.stop.requested:
+            self.epoch_so_far = stats
             self._save_and_stop(epoch)
         eval_start = time.perf_counter()
         try:
             results = self.evaluate_epoch()
         except EvaluationStopped:  # saved as "the epoch's steps done": a resume evaluates it again
-            self.carried, self.stop.stop = stats, True
+            self.epoch_so_far, self.stop.requested = stats, True
             self._save_and_stop(epoch)
         eval_seconds = time.perf_counter() - eval_start
         self._check_budget(epoch + 1, eval_seconds)  # re-plan from the epoch's measured steps and evaluation
         row = self.log_epoch(epoch, stats, results, eval_seconds=eval_seconds)
+        self.train_loader.set_epoch(epoch + 1)  # the state saved is "start of the next epoch"
         self.checkpoint_epoch(epoch, results)
         self.close_row(time.perf_counter() - eval_start - eval_seconds)  # the log and checkpoint count toward the time too
         self._print_epoch(epoch, row, results)
@@ -130,32 +131,30 @@ class Trainer(Parts, State, RunLog):
         """
         self.model.train()
         bar = tqdm(total=min(n, self.plan.total_steps - self.step), desc=f"epoch {epoch + 1}/{self.plan.epochs}",
-                   leave=False, disable=self._bars)
-        loss_sum = torch.zeros((), device=self.device)
-        window = torch.zeros((), device=self.device)
-        count, in_window = 0, 0
-        start = time.perf_counter()
+                   leave=False, disable=self._no_bars)
+        loss_sum, count, start = torch.zeros((), device=self.device), 0, time.perf_counter()
+        logged_sum, logged_count = loss_sum.clone(), 0  # where the last logging interval ended
         for x, y in itertools.islice(self.train_loader, n):
-            loss = self._step(x, y)
-            loss_sum += loss
-            window += loss
-            count, in_window = count + 1, in_window + 1
+            loss_sum += self._step(x, y)
+            count += 1
             bar.update(1)
             if self.step % self.cfg.log_interval == 0:
-                if self._log_window(window / in_window, epoch, bar):
+                if self._log_window((loss_sum - logged_sum) / (count - logged_count), epoch, bar):
                     break
-                window.zero_()
-                in_window = 0
-            elif self.agreement.poll(self.stop.stop):  # at once alone; under torchrun within about a second
-                self.stop.stop = True
+                logged_sum, logged_count = loss_sum.clone(), count
+            elif self.stop.poll():
                 break
             if self.budget is not None and self.budget.due(self.step):
                 self._check_budget(epoch, bar=bar)
             if self.step >= self.plan.total_steps:
                 break
+        return self._steps_done(loss_sum, count, start, epoch, bar)
+
+    def _steps_done(self, loss_sum: torch.Tensor, count: int, start: float, epoch: int, bar) -> StepStats:
+        """The stretch's mean loss and stop flags over all ranks in one all-reduce (read once), its seconds."""
         steps_here = torch.full((), float(count), device=self.device)
-        loss_total, steps_total, stop = self._over_ranks(loss_sum, steps_here, self._stop_flag())
-        self.stop.stop = stop > 0  # under torchrun: any rank's, so every rank leaves the epoch alike
+        loss_total, steps_total, stop = self._over_ranks(loss_sum, steps_here, self.stop.flag(self.device))
+        self.stop.agreed(stop)  # under torchrun: any rank's, so every rank leaves the epoch alike
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
@@ -166,17 +165,9 @@ class Trainer(Parts, State, RunLog):
 
     def _over_ranks(self, *values: torch.Tensor) -> list[float]:  # summed over the ranks in one all-reduce, read once
         summed = torch.stack([v.float() for v in values])
-        if self.reduce is not None:
-            self.reduce(summed)
+        if self.all_reduce is not None:
+            self.all_reduce(summed)
         return summed.tolist()
-
-    def _stop_flag(self) -> torch.Tensor:
-        return torch.full((), float(self.stop.stop), device=self.device)
-
-    def _agree_stop(self) -> bool:  # whether any rank was asked to stop (under torchrun an all-reduce: all agree)
-        if self.dist.enabled:
-            self.stop.stop = self._over_ranks(self._stop_flag())[0] > 0
-        return self.stop.stop
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One optimizer step on a batch; returns the (detached) loss without synchronizing."""
@@ -185,7 +176,7 @@ class Trainer(Parts, State, RunLog):
         else:  # the same smoothed targets, built directly: no even batch needed
             target = mixup_target(y, self.data.num_classes, smoothing=self.cfg.label_smoothing)
         with autocast(self.device, self.amp_dtype):
-            logits = self.forward(x)
+            logits = self.train_module(x)
         loss = self.criterion(logits.float(), target)
         # Under DDP the gradients are views into its all-reduce buckets: zeroed in place, never dropped.
         self.optimizer.zero_grad(set_to_none=not self.dist.enabled)
@@ -207,7 +198,7 @@ class Trainer(Parts, State, RunLog):
         Under torchrun the loss and the stop flag travel in one all-reduce: every rank sees the same
         non-finite loss and the same decision, so no rank waits in a collective for one that left.
         """
-        total, stop = self._over_ranks(mean, self._stop_flag())  # the one synchronization of the logging interval
+        total, stop = self._over_ranks(mean, self.stop.flag(self.device))  # the one synchronization of the logging interval
         value = total / self.dist.world_size
         check_finite(self, value, epoch)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -216,17 +207,16 @@ class Trainer(Parts, State, RunLog):
         bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.4f}")
         if bar.disable:  # no bar (a log file, a batch job): a plain line per logging interval instead
             self.out(f"  step {self.step}/{self.plan.total_steps} (epoch {epoch + 1}): loss {value:.4f}, lr {lr:.5f}")
-        self.stop.stop = stop > 0
-        return self.stop.stop
+        return self.stop.agreed(stop)
 
     # -- end of an epoch: evaluate, log, checkpoint --------------------------------------------------
     def evaluate_epoch(self) -> EpochEval:
         """Test (and validation) accuracy of the model and, with --ema, of its EMA. Under torchrun every rank
         first takes rank 0's BatchNorm statistics: one model (the one rank 0 saves) scores every shard."""
-        k, amp, reduce = self.data.num_classes, self.amp_dtype, self.reduce
+        k, amp, reduce = self.data.num_classes, self.amp_dtype, self.all_reduce
         if self.dist.enabled:
             broadcast_buffers(self.model, *([self.ema.module] if self.ema is not None else []))
-        stop_test, stop_val = self._stop_check(self.test_loader), self._stop_check(self.val_loader)
+        stop_test, stop_val = self.stop.before_batches(self.test_loader), self.stop.before_batches(self.val_loader)
         result = EpochEval(test=evaluate(self.model, self.test_loader, k, amp, reduce, stop_test))
         if self.val_loader is not None:
             result.val = evaluate(self.model, self.val_loader, k, amp, reduce, stop_val)
@@ -235,14 +225,6 @@ class Trainer(Parts, State, RunLog):
             if self.val_loader is not None:
                 result.ema_val = evaluate(self.ema.module, self.val_loader, k, amp, reduce, stop_val)
         return result
-
-    def _stop_check(self, loader):
-        """A stop during evaluation: the ranks compare flags before each batch that every rank has (their
-        shards differ by one image at most), so a signal is acted on within one batch."""
-        if loader is None:
-            return None
-        common = math.ceil(len(loader.labels) // self.dist.world_size / loader.batch_size)
-        return lambda i: i < common and self.agreement.meet(self.stop.stop)
 
 
 def train(cfg: TrainConfig, explicit: dict | None = None, out=print, command: str = "") -> dict:

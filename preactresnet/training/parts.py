@@ -17,7 +17,7 @@ from ..budget import TimeBudget, plan_budget
 from ..checkpoint import WeightsMeta, portable_path
 from ..config import TrainConfig, parse_duration
 from ..data import BatchAugment, TensorLoader, load_dataset
-from ..distributed import Agreement, all_reduce_sum, wait_for_data
+from ..distributed import all_reduce_sum, wait_for_data
 from ..hub import load_pretrained_into
 from ..models import create_model
 from ..optim import FUSED_KERNELS, build_ema, build_mixup, build_optimizer, build_scheduler, fused_refusal
@@ -132,15 +132,15 @@ class Parts:
             if self.device.type == "cpu":
                 raise ValueError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm has no CPU kernel; drop --sync-bn")
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self.forward, self.reduce = self.model, None  # what a step calls; how counts are summed over ranks
+        self.train_module, self.all_reduce = self.model, None  # what a step calls; how counts are summed over ranks
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             # Broadcasts rank 0's weights; gradients live in the all-reduce buckets (no copy in and out).
-            self.forward = nn.parallel.DistributedDataParallel(self.model, device_ids=ids, gradient_as_bucket_view=True)
+            self.train_module = nn.parallel.DistributedDataParallel(self.model, device_ids=ids, gradient_as_bucket_view=True)
             seed_everything(cfg.seed + self.dist.rank)  # different dropout masks on each rank
-            self.reduce = all_reduce_sum
+            self.all_reduce = all_reduce_sum
         if cfg.compile:
-            self.forward = torch.compile(self.forward)
+            self.train_module = torch.compile(self.train_module)
 
     def _build_optimization(self) -> None:
         cfg = self.cfg
@@ -165,7 +165,7 @@ class Parts:
             command=command, seed=cfg.seed, machine=machine_description(self.device),
         )
 
-    def fit_budget(self) -> None:
+    def calibrate_budget(self) -> None:
         """--time-budget: time real steps on this trainer, then start it over from the state it was built in with
         the first plan (a fresh optimizer, schedule, scaler and EMA); the run re-plans from there (TimeBudget)."""
         start = {"model": {k: v.clone() for k, v in self.model.state_dict().items()},
@@ -179,7 +179,8 @@ class Parts:
         self.model.load_state_dict(start["model"])
         self.train_loader.load_state_dict(start["loader"])
         set_rng_state(start["rng"])
-        self.step, self.agreement = 0, Agreement(self.dist)
+        self.step = 0
+        self.stop.restart()
         self.budget = TimeBudget(parse_duration(self.cfg.time_budget), calibration, self.plan, self.dist, self.clock)
         self._build_optimization()
 

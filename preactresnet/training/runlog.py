@@ -212,7 +212,7 @@ class RunLog:
         split = "validation" if self.val_loader is not None else "test"
         self.out(f"\nfinal test accuracy: {final.accuracy:.2f}% ({final.correct}/{final.total}), test loss {final.loss:.4f}")
         tta = None if self.cfg.tta == "none" else tta_accuracy(
-            self.model, self.test_loader, self.cfg.tta, self.data.num_classes, self.amp_dtype, self.reduce)
+            self.model, self.test_loader, self.cfg.tta, self.data.num_classes, self.amp_dtype, self.all_reduce)
         if tta is not None:
             self.out(f"with {self.cfg.tta} TTA: {tta:.2f}% (the plain figure above is the headline)")
         self.out("per-class test accuracy:\n" + final.per_class_table(self.data.classes))

@@ -33,7 +33,7 @@ class State:
             "device_type": self.device.type,
             "precision": PRECISION_NAMES[self.amp_dtype],
             "process": self.process,  # the profile's TF32 / cudnn.benchmark, applied again on resume
-            "epoch_progress": vars(self.carried) if self.carried is not None else None,
+            "epoch_progress": vars(self.epoch_so_far) if self.epoch_so_far is not None else None,
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
             "history": self.history,
@@ -73,7 +73,7 @@ class State:
         self.history = list(state["history"])
         self.resumed_mid_epoch = self.train_loader.batch > 0
         if state.get("epoch_progress") and self.resumed_mid_epoch:
-            self.carried = StepStats(**state["epoch_progress"])
+            self.epoch_so_far = StepStats(**state["epoch_progress"])
         self.clock = RunClock(state.get("spent_seconds", self._spent_before()))
         if state.get("plan") and state.get("budget"):  # before the closed loop a resumed budget run kept its plan
             self.budget = TimeBudget.from_state(state["budget"], self.plan, self.dist, self.clock)
@@ -84,7 +84,7 @@ class State:
     def _spent_before(self) -> float:
         """A state saved before the run's clock was: its last epoch's elapsed seconds and the steps after them."""
         spent = self.history[-1]["elapsed_seconds"] if self.history else 0.0
-        return spent + (self.carried.seconds if self.carried is not None else 0.0)
+        return spent + (self.epoch_so_far.seconds if self.epoch_so_far is not None else 0.0)
 
     def _plan_meta(self) -> dict | None:
         """The length a time budget chose, for the weights' metadata (export's recipe and model card read it)."""
@@ -106,7 +106,8 @@ class State:
 
     def checkpoint_epoch(self, epoch: int, ev: EpochEval) -> None:
         """The state and last weights, then best.safetensors if the chosen split improved (raw or EMA,
-        whichever is better on val). A kill between the two leaves a resumable state."""
+        whichever is better on val). A kill between the two leaves a resumable state. The loader must stand at
+        the next epoch's start (the state saved is "start of the next epoch")."""
         chosen, key, split = (ev.val, "val", "validation") if ev.val is not None else (ev.test, "test", "test")
         weights, test = self.model, ev.test
         if ev.ema_val is not None and ev.ema_val.accuracy > ev.val.accuracy:  # judged on val only, never on test
@@ -114,7 +115,6 @@ class State:
         improved = chosen.accuracy > self.best_metric
         if improved:
             self.best_metric, self.best_epoch = chosen.accuracy, epoch + 1
-        self.train_loader.set_epoch(epoch + 1)  # the state saved is "start of the next epoch"
         self.save_last(epoch + 1)
         if improved and self.dist.is_main:
             accuracies = {f"{key}_accuracy": chosen.accuracy, "test_accuracy": test.accuracy}

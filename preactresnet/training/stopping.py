@@ -1,6 +1,6 @@
 """Stopping a run: the signal flag (SIGTERM, Ctrl-C), what a stop raises, the resume hint, a bad loss.
 
-Agreeing on a stop across torchrun's ranks is distributed.Agreement; saving on the way out is the loop's.
+`StopControl` is the one place a stop is asked for and agreed on; saving on the way out is the loop's.
 """
 
 from __future__ import annotations
@@ -9,9 +9,12 @@ import math
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from ..distributed import DistInfo
+import torch
+
+from ..distributed import Agreement, DistInfo
 
 
 def resume_command(dist: DistInfo, argv0: str | None = None) -> str:
@@ -37,16 +40,48 @@ class Stopped(KeyboardInterrupt):
         self.code = code
 
 
-class StopFlag:
-    """SIGTERM (a scheduler's preemption) or the first Ctrl-C: finish the step, save, exit with 128 + the
-    signal's number (143 or 130). A second Ctrl-C stops at once; a repeated SIGTERM changes nothing."""
+class StopControl:
+    """The one answer to "stop now?": SIGTERM (a scheduler's preemption) or the first Ctrl-C sets the request;
+    the run finishes the step, saves and exits with 128 + the signal's number (143 or 130). A second Ctrl-C
+    stops at once; a repeated SIGTERM changes nothing. Under torchrun the ranks agree (host values through
+    gloo, no GPU synchronization): between steps about once a second, before each evaluation batch, and on
+    the flag that rides with the loss's all-reduce, so every rank stops at the same step."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
-        self.stop = False
+    def __init__(self, dist: DistInfo):
+        self.dist = dist
+        self.requested = False  # by a signal here, or (once agreed) on any rank
         self.signum = signal.SIGTERM
-        self._previous = {}
+        self.agreement = Agreement(dist)  # when the ranks compare their requests between steps
+        self._previous: dict = {}
+
+    def restart(self) -> None:
+        """A new run on the same process group (after the time budget's calibration): meetings count from here."""
+        self.agreement = Agreement(self.dist)
+
+    def poll(self) -> bool:
+        """Between two steps: at once alone; under torchrun whether any rank asked, within about a second."""
+        if self.agreement.poll(self.requested):
+            self.requested = True
+        return self.requested
+
+    def flag(self, device) -> torch.Tensor:
+        """This rank's request as a tensor, to ride with an all-reduce the loop makes anyway."""
+        return torch.full((), float(self.requested), device=device)
+
+    def agreed(self, summed: float) -> bool:
+        """The all-reduced flag: any rank's request is every rank's."""
+        self.requested = summed > 0
+        return self.requested
+
+    def before_batches(self, loader) -> Callable[[int], bool] | None:
+        """The check before each evaluation batch that every rank has (their shards differ by one image at
+        most), so a signal during evaluation is acted on within one batch."""
+        if loader is None:
+            return None
+        common = math.ceil(len(loader.labels) // self.dist.world_size / loader.batch_size)
+        return lambda i: i < common and self.agreement.meet(self.requested)
 
     def __enter__(self):
         for sig in self.SIGNALS:
@@ -57,11 +92,11 @@ class StopFlag:
         return self
 
     def _handler(self, signum, frame):
-        if self.stop:
+        if self.requested:
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
             return
-        self.stop, self.signum = True, signum
+        self.requested, self.signum = True, signum
         name = "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name
         again = " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
         print(f"\n{name}: finishing this step, saving, then exiting{again}", file=sys.stderr, flush=True)

@@ -135,7 +135,7 @@ def test_best_checkpoint_is_the_better_of_raw_and_ema_on_validation(tmp_path):
     t = trainer(tmp_path, "--epochs", "2", "--max-steps-per-epoch", "4", "--ema", "--ema-warmup", "--val-size", "500",
                 "--run-name", "v", "--tta", "none", "--figures")  # the curves with validation and EMA lines
     t.fit()
-    rows = t.history
+    rows = t.log.history
     best = max(rows, key=lambda r: max(r["val_acc"], r["ema_val_acc"]))
     meta = read_metadata(tmp_path / "ck" / "v" / "best.safetensors")
     assert meta["val_accuracy"] == pytest.approx(max(best["val_acc"], best["ema_val_acc"]), abs=1e-3)

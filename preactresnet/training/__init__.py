@@ -4,7 +4,7 @@
     resolve.py   the config resolved once: flags, YAML, a resumed run's saved config, the system profile
     parts.py     building the parts in a fixed order: process, data, model, optimization
     state.py     the training state (each object through its own state_dict), resume, the save rules
-    runlog.py    console, metrics.csv, TensorBoard, figures, the final report (rank 0 only)
+    runlog.py    RunLog: console, metrics.csv, TensorBoard, figures, the final report (rank 0 only), given its values
     stopping.py  StopControl (signals, the ranks' agreement), what a stop raises, the resume hint
 
 `train(cfg)` and `Trainer.from_config(cfg).fit()` are the public entry points.
@@ -12,8 +12,8 @@
 
 from ..optim import build_mixup, build_optimizer, build_scheduler
 from .loop import Trainer, train
-from .parts import RunDirs, check_total_steps, use_channels_last
-from .runlog import EpochEval, NullWriter, StepStats
+from .parts import check_total_steps, use_channels_last
+from .runlog import EpochEval, NullWriter, RunDirs, StepStats
 from .stopping import NonFiniteLoss, StopControl, Stopped, resume_command
 
 __all__ = [

@@ -18,47 +18,49 @@ from ..config import ResolvedConfig, TrainConfig
 from .resolve import resolve_config
 from ..distributed import DistInfo, broadcast_buffers, init_distributed
 from ..evaluation import EvalResult, EvaluationStopped, evaluate
+from ..inference import tta_accuracy
 from ..precision import resolve_precision
 from ..system import autocast
-from .parts import Parts, RunDirs, use_channels_last
-from .runlog import EpochEval, NullWriter, RunLog, StepStats, _silent
+from .parts import Parts, use_channels_last
+from .runlog import EpochEval, RunDirs, RunLog, StepStats, _silent, augmented_batch
 from .state import State
 from .stopping import StopControl, check_finite
 
 
-class Trainer(Parts, State, RunLog):
+class Trainer(Parts, State):
     """Everything one run needs, built from a finished config; `fit()` trains it."""
 
-    def __init__(self, run: ResolvedConfig, dist: DistInfo | None = None, out=print, command: str = ""):
-        self.cfg, self.command = run.cfg, command
+    def __init__(self, resolved: ResolvedConfig, dist: DistInfo | None = None, out=print, command: str = ""):
+        self.cfg, self.command = resolved.cfg, command
         self.dist = dist or DistInfo()
         self.out = out if self.dist.is_main else _silent
-        saved = run.state or {}
-        self._setup_process(run.profile, saved.get("process"))
+        saved = resolved.state or {}
+        self._setup_process(resolved.profile, saved.get("process"))
         self.dirs = RunDirs.of(self.cfg)
         self._build_data(saved.get("plan"))
-        self._build_model(fresh=run.state is None)
+        self._build_model(fresh=resolved.state is None)
         self._build_optimization()
         self.meta = self._weights_meta()
         self.clock = RunClock()  # the seconds this run has spent training (a resume carries them on)
         self.budget: TimeBudget | None = None  # --time-budget's closed loop (calibrate_budget, or the resumed state)
-        self.precision_line = (run.precision or {}).get("line")  # why --amp/--muon-ns-dtype auto chose what it did
-        self.writer, self.stop = NullWriter(), StopControl(self.dist)
-        self.start_epoch, self.step, self.history = 0, 0, []
+        self.precision_line = (resolved.precision or {}).get("line")  # why --amp/--muon-ns-dtype auto chose what it did
+        self.log = RunLog(self.cfg, self.dirs, self.dist, self.out, self.data.classes)  # console, metrics.csv, TensorBoard
+        self.stop = StopControl(self.dist)
+        self.start_epoch, self.step = 0, 0
         self.best_metric, self.best_epoch, self.resumed_mid_epoch = -1.0, -1, False
         self.epoch_so_far: StepStats | None = None  # the current epoch's steps before a mid-epoch resume
-        if run.state is not None:
-            self._load_state(run.state, run.run_dir)
+        if resolved.state is not None:
+            self._load_state(resolved.state, resolved.run_dir)
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, explicit: dict | None = None, out=print, command: str = "") -> Trainer:
         """Start the process group (under torchrun), resolve the config once, build the trainer."""
         dist = init_distributed(cfg.device)
-        run = resolve_config(cfg, explicit or {}, dist, warn=out if dist.is_main else _silent)
-        num_classes = 100 if run.cfg.dataset == "cifar100" else 10
-        run = resolve_precision(run, dist, num_classes, use_channels_last(run.cfg))
-        trainer = cls(run, dist, out=out, command=command)
-        if run.cfg.time_budget and not run.cfg.total_steps and run.state is None:
+        resolved = resolve_config(cfg, explicit or {}, dist, warn=out if dist.is_main else _silent)
+        num_classes = 100 if resolved.cfg.dataset == "cifar100" else 10
+        resolved = resolve_precision(resolved, dist, num_classes, use_channels_last(resolved.cfg))
+        trainer = cls(resolved, dist, out=out, command=command)
+        if resolved.cfg.time_budget and not resolved.cfg.total_steps and resolved.state is None:
             trainer.calibrate_budget()  # times steps on itself, then starts over with the first plan
         return trainer
 
@@ -68,7 +70,10 @@ class Trainer(Parts, State, RunLog):
 
     def fit(self) -> dict:
         self._announce()
-        self._open_outputs()
+        if self.dist.is_main and self.cfg.figures:
+            augmented_batch(self.cfg, self.train_loader, self.mixup, self.data.mean, self.data.std, self.data.classes,
+                            self.dirs.figures / "augmented_batch.png")
+        self.log.open(self.step)
         epoch, final = self.start_epoch, None
         epochs = tqdm(desc="epochs", disable=self._no_bars, initial=epoch, total=self.plan.epochs)
         self._sync_debug()
@@ -85,11 +90,13 @@ class Trainer(Parts, State, RunLog):
             epochs.close()
             if self.cfg.sync_debug and self.device.type == "cuda":
                 torch.cuda.set_sync_debug_mode(0)  # the process may go on (a notebook, the tests): no warnings left on
-        self.writer.close()
-        self._write_curves()
+        self.log.close()
+        k, amp = self.data.num_classes, self.amp_dtype
         if final is None:  # resumed a finished run
-            final = evaluate(self.model, self.test_loader, self.data.num_classes, self.amp_dtype, self.all_reduce)
-        return self._report(final)
+            final = evaluate(self.model, self.test_loader, k, amp, self.all_reduce)
+        tta = None if self.cfg.tta == "none" else tta_accuracy(self.model, self.test_loader, self.cfg.tta, k, amp, self.all_reduce)
+        split = "validation" if self.val_loader is not None else "test"
+        return self.log.report(final, tta, (self.best_metric, self.best_epoch), split)
 
     def run_epoch(self, epoch: int) -> EvalResult:
         """Train what is left of `epoch`, then evaluate, log and checkpoint; returns the test result."""
@@ -115,11 +122,15 @@ class Trainer(Parts, State, RunLog):
             self._save_and_stop(epoch)
         eval_seconds = time.perf_counter() - eval_start
         self._check_budget(epoch + 1, eval_seconds)  # re-plan from the epoch's measured steps and evaluation
-        row = self.log_epoch(epoch, stats, results, eval_seconds=eval_seconds)
+        budget = self.budget.record() if self.budget is not None else {}
+        row = self.log.epoch_row(epoch, self.step, self.optimizer.param_groups[0]["lr"], stats, results, self.clock.spent(),
+                                 budget, eval_seconds)
         self.train_loader.set_epoch(epoch + 1)  # the state saved is "start of the next epoch"
         self.checkpoint_epoch(epoch, results)
-        self.close_row(time.perf_counter() - eval_start - eval_seconds)  # the log and checkpoint count toward the time too
-        self._print_epoch(epoch, row, results)
+        if self.budget is not None:  # the log and checkpoint count toward the time too
+            self.budget.pause(time.perf_counter() - eval_start - eval_seconds)
+        self.log.close_row(self.clock.spent())
+        self.log.print_epoch(epoch, self.plan.epochs, row, results)
         return results.test
 
     def train_steps(self, n: int, epoch: int = 0) -> StepStats:
@@ -202,8 +213,7 @@ class Trainer(Parts, State, RunLog):
         value = total / self.dist.world_size
         check_finite(self, value, epoch)
         lr = self.optimizer.param_groups[0]["lr"]
-        self.writer.add_scalar("train/loss", value, self.step)
-        self.writer.add_scalar("train/lr", lr, self.step)
+        self.log.loss(value, lr, self.step)
         bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.4f}")
         if bar.disable:  # no bar (a log file, a batch job): a plain line per logging interval instead
             self.out(f"  step {self.step}/{self.plan.total_steps} (epoch {epoch + 1}): loss {value:.4f}, lr {lr:.5f}")

@@ -6,7 +6,6 @@ precision), the data and loaders, the model (whitened or pretrained start, DDP, 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,23 +22,10 @@ from ..models import create_model
 from ..optim import FUSED_KERNELS, build_ema, build_mixup, build_optimizer, build_scheduler, fused_refusal
 from ..plan import RunPlan
 from ..system import (
-    apply_process_settings, machine_description, resolve_amp, resolve_device, rng_state, seed_everything, set_deterministic, set_rng_state, tune_malloc,
+    apply_process_settings, machine_description, process_age, resolve_amp, resolve_device, rng_state, seed_everything, set_deterministic, set_rng_state, tune_malloc,
 )
 from ..whitening import whiten_stem_
-from .runlog import _silent
-
-
-@dataclass
-class RunDirs:
-    name: str
-    checkpoints: Path
-    logs: Path
-    figures: Path
-
-    @classmethod
-    def of(cls, cfg: TrainConfig) -> RunDirs:
-        name = cfg.run_name
-        return cls(name, Path(cfg.checkpoint_dir) / name, Path(cfg.log_dir) / name, Path(cfg.fig_dir) / name)
+from .runlog import RunDirs, _silent
 
 
 def check_total_steps(total: int, epochs: int, steps_per_epoch: int) -> None:
@@ -208,6 +194,27 @@ class Parts:
             if bar is not None:
                 bar.total = bar.n + min(self.steps_per_epoch * (ended + 1), self.plan.total_steps) - self.step
                 bar.refresh()
+
+    def _announce(self) -> None:
+        cfg, plan = self.cfg, self.plan
+        self.out("config:\n" + cfg.format())
+        self.out(self.data.summary())
+        self.out(
+            f"device {self.device}, precision {self.amp_dtype or torch.float32}, channels_last {self.channels_last}, "
+            f"{self.steps_per_epoch} steps/epoch x {plan.epochs} epochs"
+            + (f" ({plan.total_steps} steps in all)" if plan.total_steps % self.steps_per_epoch else "")
+            + (" to start with: --time-budget re-plans them as it goes" if self.budget is not None else "")
+        )
+        if self.precision_line:
+            self.out(self.precision_line)
+        selection = "validation split" if self.val_loader is not None else "TEST set (no --val-size given)"
+        self.out(f"best checkpoint chosen on the {selection}")
+        if self.dist.enabled:
+            self.out(f"distributed: {self.dist.world_size} processes, global batch {cfg.batch_size * self.dist.world_size}, "
+                     f"lr {cfg.lr * self.lr_scale:g}")
+        age = process_age()
+        if age is not None:
+            self.out(f"start-up: {age:.1f}s since the process began (imports, data, model, precision timing, budget calibration)")
 
     def _sync_debug(self) -> None:
         """--sync-debug: CUDA warns at each host synchronization (logging, epoch ends and checkpoints have some)."""

@@ -36,7 +36,7 @@ class State:
             "epoch_progress": vars(self.epoch_so_far) if self.epoch_so_far is not None else None,
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
-            "history": self.history,
+            "history": self.log.history,
             "classes": self.data.classes,
             "mean": list(self.data.mean),
             "std": list(self.data.std),
@@ -70,7 +70,7 @@ class State:
         # The learning rate is a pure function of the step, so the schedule needs no saved state.
         self.scheduler.step_update(num_updates=self.step)
         self.best_metric, self.best_epoch = float(state["best_metric"]), int(state["best_epoch"])
-        self.history = list(state["history"])
+        self.log.history = list(state["history"])
         self.resumed_mid_epoch = self.train_loader.batch > 0
         if state.get("epoch_progress") and self.resumed_mid_epoch:
             self.epoch_so_far = StepStats(**state["epoch_progress"])
@@ -83,7 +83,7 @@ class State:
 
     def _spent_before(self) -> float:
         """A state saved before the run's clock was: its last epoch's elapsed seconds and the steps after them."""
-        spent = self.history[-1]["elapsed_seconds"] if self.history else 0.0
+        spent = self.log.history[-1]["elapsed_seconds"] if self.log.history else 0.0
         return spent + (self.epoch_so_far.seconds if self.epoch_so_far is not None else 0.0)
 
     def _plan_meta(self) -> dict | None:
@@ -97,7 +97,7 @@ class State:
         if not self.dist.is_main:
             return
         save_state(self.dirs.checkpoints / "last.state.pt", self._state(epoch, ranks))
-        last = self.history[-1] if self.history else {}
+        last = self.log.history[-1] if self.log.history else {}
         meta = self.meta.at(epoch, plan=self._plan_meta(), test_accuracy=last.get("test_acc"))
         save_weights(self.dirs.checkpoints / "last.safetensors", self.model.state_dict(), meta)
         if self.ema is not None:
@@ -124,8 +124,7 @@ class State:
     def _save_and_stop(self, epoch: int) -> None:
         """A stop was agreed: save everything, then leave with the signal's exit status."""
         self.save_last(epoch)
-        self._write_curves()
-        self.writer.close()
+        self.log.close()
         message = (f"stopped: saved {self.dirs.checkpoints}/last.state.pt at step {self.step}; continue with "
                    f"{resume_command(self.dist)} --resume {self.dirs.checkpoints}")
         self.out(message)

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 import os
 import pickle
@@ -193,7 +194,7 @@ def test_label_smoothing_applied_once_when_mixing():
 def test_non_finite_loss_stops_and_keeps_last_good(tmp_path):
     t = trainer(tmp_path, "--epochs", "2", "--max-steps-per-epoch", "2", "--run-name", "nan")
     last = tmp_path / "ck" / "nan" / "last.safetensors"
-    real = t.criterion
+    real = t.step_parts.criterion
     snapshot = {}
 
     def nan_in_epoch_two(logits, target):
@@ -202,7 +203,7 @@ def test_non_finite_loss_stops_and_keeps_last_good(tmp_path):
             return real(logits, target) * float("nan")
         return real(logits, target)
 
-    t.criterion = nan_in_epoch_two
+    t.step_parts = dataclasses.replace(t.step_parts, criterion=nan_in_epoch_two)
     with pytest.raises(NonFiniteLoss, match="loss became nan in epoch 2"):
         t.fit()
     assert last.read_bytes() == snapshot["bytes"]

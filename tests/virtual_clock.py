@@ -25,9 +25,10 @@ def install(monkeypatch, step_seconds, eval_seconds=0.5, save_seconds=0.0) -> Vi
     import preactresnet.budget as budget
     import preactresnet.training.loop as loop
     from preactresnet.training import Trainer
+    from preactresnet.training.state import Checkpointer
 
     clock = VirtualTime()
-    step, evaluate, save = Trainer._step, Trainer.evaluate_epoch, Trainer.save_last
+    step, evaluate, save = Trainer._step, Trainer.evaluate_epoch, Checkpointer.save_last
 
     def timed_step(self, x, y):
         clock.now += step_seconds(self)
@@ -37,13 +38,13 @@ def install(monkeypatch, step_seconds, eval_seconds=0.5, save_seconds=0.0) -> Vi
         clock.now += eval_seconds
         return evaluate(self)
 
-    def timed_save(self, epoch):
+    def timed_save(self, epoch, record, plan):
         clock.now += save_seconds
-        return save(self, epoch)
+        return save(self, epoch, record, plan)
 
     for module in (budget, loop):
         monkeypatch.setattr(module, "time", clock)
     monkeypatch.setattr(Trainer, "_step", timed_step)
     monkeypatch.setattr(Trainer, "evaluate_epoch", timed_evaluation)
-    monkeypatch.setattr(Trainer, "save_last", timed_save)
+    monkeypatch.setattr(Checkpointer, "save_last", timed_save)
     return clock

@@ -9,25 +9,23 @@ import itertools
 import time
 
 import torch
-import torch.nn as nn
-from timm.data.mixup import mixup_target
 from tqdm.auto import tqdm
 
 from ..budget import RunClock, TimeBudget
 from ..config import ResolvedConfig, TrainConfig
 from .resolve import resolve_config
-from ..distributed import DistInfo, broadcast_buffers, init_distributed
+from ..distributed import DistInfo, init_distributed
 from ..evaluation import EvalResult, EvaluationStopped, evaluate
 from ..inference import tta_accuracy
 from ..precision import resolve_precision
-from ..system import autocast
 from .parts import Parts, use_channels_last
-from .runlog import EpochEval, RunDirs, RunLog, StepStats, _silent, augmented_batch
-from .state import State
-from .stopping import StopControl, check_finite
+from .runlog import EpochEval, RunDirs, RunLog, StepStats, _silent, augmented_batch, evaluate_epoch
+from .state import Checkpointer, Resumed, run_record
+from .step import train_step
+from .stopping import StopControl, Stopped, check_finite, resume_command
 
 
-class Trainer(Parts, State):
+class Trainer(Parts):
     """Everything one run needs, built from a finished config; `fit()` trains it."""
 
     def __init__(self, resolved: ResolvedConfig, dist: DistInfo | None = None, out=print, command: str = ""):
@@ -39,8 +37,9 @@ class Trainer(Parts, State):
         self.dirs = RunDirs.of(self.cfg)
         self._build_data(saved.get("plan"))
         self._build_model(fresh=resolved.state is None)
-        self._build_optimization()
         self.meta = self._weights_meta()
+        self.checkpointer: Checkpointer  # made with the optimization it saves
+        self._build_optimization()
         self.clock = RunClock()  # the seconds this run has spent training (a resume carries them on)
         self.budget: TimeBudget | None = None  # --time-budget's closed loop (calibrate_budget, or the resumed state)
         self.precision_line = (resolved.precision or {}).get("line")  # why --amp/--muon-ns-dtype auto chose what it did
@@ -181,27 +180,10 @@ class Trainer(Parts, State):
         return summed.tolist()
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One optimizer step on a batch; returns the (detached) loss without synchronizing."""
-        if self.mixup.mixup_enabled:
-            x, target = self.mixup(x, y)
-        else:  # the same smoothed targets, built directly: no even batch needed
-            target = mixup_target(y, self.data.num_classes, smoothing=self.cfg.label_smoothing)
-        with autocast(self.device, self.amp_dtype):
-            logits = self.train_module(x)
-        loss = self.criterion(logits.float(), target)
-        # Under DDP the gradients are views into its all-reduce buckets: zeroed in place, never dropped.
-        self.optimizer.zero_grad(set_to_none=not self.dist.enabled)
-        self.scaler.scale(loss).backward()
-        if self.cfg.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        """One optimizer step on a batch (step.train_step); returns the (detached) loss without synchronizing."""
+        loss = train_step(self.step_parts, x, y, self.step + 1)
         self.step += 1
-        self.scheduler.step_update(num_updates=self.step)
-        if self.ema is not None:
-            self.ema.update(self.model, step=self.step)
-        return loss.detach()
+        return loss
 
     def _log_window(self, mean: torch.Tensor, epoch: int, bar) -> bool:
         """Log the mean loss since the last log (over all ranks); returns whether to stop now.
@@ -212,29 +194,54 @@ class Trainer(Parts, State):
         total, stop = self._over_ranks(mean, self.stop.flag(self.device))  # the one synchronization of the logging interval
         value = total / self.dist.world_size
         check_finite(self, value, epoch)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.log.loss(value, lr, self.step)
-        bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.4f}")
-        if bar.disable:  # no bar (a log file, a batch job): a plain line per logging interval instead
-            self.out(f"  step {self.step}/{self.plan.total_steps} (epoch {epoch + 1}): loss {value:.4f}, lr {lr:.5f}")
+        self.log.loss(value, self.optimizer.param_groups[0]["lr"], self.step, f"{self.plan.total_steps} (epoch {epoch + 1})", bar)
         return self.stop.agreed(stop)
+
+    def checkpoint_epoch(self, epoch: int, ev: EpochEval) -> None:
+        """The state and last weights, then best.safetensors if the chosen split improved: a kill between the two
+        leaves a resumable state. The loader stands at the next epoch's start (the state is the next epoch's start)."""
+        accuracy, weights, accuracies, split = self.checkpointer.judge(ev)
+        improved = accuracy > self.best_metric
+        if improved:
+            self.best_metric, self.best_epoch = accuracy, epoch + 1
+        self.checkpointer.save_last(epoch + 1, run_record(self), self._plan_meta())
+        if improved:
+            self.checkpointer.save_best(epoch + 1, weights, accuracies, split, self._plan_meta())
+
+    def _save_and_stop(self, epoch: int) -> None:
+        """A stop was agreed: save everything, then leave with the signal's exit status."""
+        self.checkpointer.save_last(epoch, run_record(self), self._plan_meta())
+        self.log.close()
+        message = (f"stopped: saved {self.dirs.checkpoints}/last.state.pt at step {self.step}; continue with "
+                   f"{resume_command(self.dist)} --resume {self.dirs.checkpoints}")
+        self.out(message)
+        raise Stopped(message, self.stop.exit_code)
+
+    def _plan_meta(self) -> dict | None:
+        """The length a time budget chose, for the weights' metadata (export's recipe and model card read it)."""
+        return {"epochs": self.plan.epochs, "total_steps": self.plan.total_steps} if self.budget is not None else None
+
+    def _load_state(self, state: dict, run_dir) -> None:
+        if state["model_args"]["num_classes"] != self.data.num_classes:
+            raise ValueError(f"{run_dir} was trained on {state['model_args']['num_classes']} classes, this data has {self.data.num_classes}")
+        same_device = self.checkpointer.load(state, self.device.type)
+        self.resumed_mid_epoch = self.train_loader.batch > 0
+        r = Resumed.of(state, self.resumed_mid_epoch)
+        self.start_epoch, self.step, self.best_metric, self.best_epoch = r.start_epoch, r.step, r.best_metric, r.best_epoch
+        self.log.history, self.epoch_so_far, self.clock = r.history, r.epoch_so_far, RunClock(r.spent_seconds)
+        self.scheduler.step_update(num_updates=self.step)  # the rate is a pure function of the step: no saved state
+        if state.get("plan") and state.get("budget"):  # before the closed loop a resumed budget run kept its plan
+            self.budget = TimeBudget.from_state(state["budget"], self.plan, self.dist, self.clock)
+        where = f"epoch {self.start_epoch + 1}" + (f", batch {self.train_loader.batch + 1}" if self.resumed_mid_epoch else "")
+        moved = "" if same_device else f" (saved on {state['device_type']}: not bit-identical to staying there)"
+        self.out(f"resumed {run_dir} at {where} (step {self.step}){moved}")
 
     # -- end of an epoch: evaluate, log, checkpoint --------------------------------------------------
     def evaluate_epoch(self) -> EpochEval:
-        """Test (and validation) accuracy of the model and, with --ema, of its EMA. Under torchrun every rank
-        first takes rank 0's BatchNorm statistics: one model (the one rank 0 saves) scores every shard."""
-        k, amp, reduce = self.data.num_classes, self.amp_dtype, self.all_reduce
-        if self.dist.enabled:
-            broadcast_buffers(self.model, *([self.ema.module] if self.ema is not None else []))
-        stop_test, stop_val = self.stop.before_batches(self.test_loader), self.stop.before_batches(self.val_loader)
-        result = EpochEval(test=evaluate(self.model, self.test_loader, k, amp, reduce, stop_test))
-        if self.val_loader is not None:
-            result.val = evaluate(self.model, self.val_loader, k, amp, reduce, stop_val)
-        if self.ema is not None:
-            result.ema_test = evaluate(self.ema.module, self.test_loader, k, amp, reduce, stop_test)
-            if self.val_loader is not None:
-                result.ema_val = evaluate(self.ema.module, self.val_loader, k, amp, reduce, stop_val)
-        return result
+        """Test (and validation) accuracy of the model and its EMA, stopping within a batch when asked."""
+        loaders = (self.test_loader, self.val_loader)
+        return evaluate_epoch(self.model, self.ema, loaders, self.data.num_classes, self.amp_dtype, self.all_reduce,
+                              [self.stop.before_batches(loader) for loader in loaders], self.dist)
 
 
 def train(cfg: TrainConfig, explicit: dict | None = None, out=print, command: str = "") -> dict:

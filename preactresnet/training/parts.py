@@ -26,6 +26,8 @@ from ..system import (
 )
 from ..whitening import whiten_stem_
 from .runlog import RunDirs, _silent
+from .state import Checkpointer
+from .step import StepParts
 
 
 def check_total_steps(total: int, epochs: int, steps_per_epoch: int) -> None:
@@ -139,6 +141,12 @@ class Parts:
         self.criterion = SoftTargetCrossEntropy()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.ema = build_ema(cfg, self.model)
+        self.checkpointer = Checkpointer(self.dirs, self.dist, self.meta, self.model, self.optimizer, self.scaler, self.ema,
+                                         self.train_loader)
+        self.step_parts = StepParts(
+            self.model, self.train_module, self.optimizer, self.scaler, self.scheduler, self.ema, self.mixup, self.criterion,
+            self.data.num_classes, cfg.label_smoothing, self.device, self.amp_dtype, cfg.grad_clip, not self.dist.enabled,
+        )
 
     def _weights_meta(self) -> WeightsMeta:
         """What every weights file says about itself; data paths relative, never this machine's absolute ones."""

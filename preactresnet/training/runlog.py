@@ -13,8 +13,8 @@ import torch
 import yaml
 
 from ..config import TrainConfig
-from ..distributed import DistInfo
-from ..evaluation import EvalResult
+from ..distributed import DistInfo, broadcast_buffers
+from ..evaluation import EvalResult, evaluate
 from ..fileio import atomic_write
 from ..plots import augmented_grid, training_curves
 
@@ -122,9 +122,13 @@ class RunLog:
         if self.dist.is_main:
             self._write_csv()
 
-    def loss(self, value: float, lr: float, step: int) -> None:
+    def loss(self, value: float, lr: float, step: int, of: str, bar) -> None:
+        """A logging interval's mean loss: TensorBoard, the bar, or without one (a log file) a plain line."""
         self.writer.add_scalar("train/loss", value, step)
         self.writer.add_scalar("train/lr", lr, step)
+        bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.4f}")
+        if bar.disable:
+            self.out(f"  step {step}/{of}: loss {value:.4f}, lr {lr:.5f}")
 
     def _write_scalars(self, row: dict, step: int, stats: StepStats, ev: EpochEval, budget: dict) -> None:
         w = self.writer
@@ -211,3 +215,20 @@ def augmented_batch(cfg: TrainConfig, loader, mixup, mean, std, classes: list[st
         f" (MixUp/CutMix shown; the run mixes {100 * mix_prob:.0f}% of batches)" if cfg.mixing else ""
     )
     return augmented_grid(x.float() * std + mean, target, classes, path, title)
+
+
+def evaluate_epoch(model, ema, loaders: tuple, num_classes: int, amp, all_reduce, stops: list, dist: DistInfo) -> EpochEval:
+    """Test (and validation) accuracy of the model and, with --ema, of its EMA. Under torchrun every rank first
+    takes rank 0's BatchNorm statistics: one model (the one rank 0 saves) scores every shard. `stops`: each
+    loader's check before a batch (StopControl.before_batches)."""
+    (test, val), (stop_test, stop_val) = loaders, stops
+    if dist.enabled:
+        broadcast_buffers(model, *([ema.module] if ema is not None else []))
+    result = EpochEval(test=evaluate(model, test, num_classes, amp, all_reduce, stop_test))
+    if val is not None:
+        result.val = evaluate(model, val, num_classes, amp, all_reduce, stop_val)
+    if ema is not None:
+        result.ema_test = evaluate(ema.module, test, num_classes, amp, all_reduce, stop_test)
+        if val is not None:
+            result.ema_val = evaluate(ema.module, val, num_classes, amp, all_reduce, stop_val)
+    return result

@@ -1,0 +1,53 @@
+"""One optimizer step: the parts it uses, and the step itself (forward, loss, backward, optimizer, schedule, EMA)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from timm.data.mixup import mixup_target
+
+from ..system import autocast
+
+
+@dataclass(frozen=True)
+class StepParts:
+    """What a training step uses, built once (and again when the time budget starts the run over)."""
+
+    model: nn.Module  # the network itself: its parameters, what EMA follows
+    train_module: nn.Module  # what the step calls: the model, wrapped for DDP and torch.compile
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # fp16's loss scaling (a no-op otherwise)
+    scheduler: object  # plan.PlannedSchedule: the rate as a function of the step
+    ema: object | None
+    mixup: object  # timm's Mixup: mixed targets, or plain ones with label smoothing
+    criterion: nn.Module
+    num_classes: int
+    label_smoothing: float
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    grad_clip: float
+    zero_to_none: bool  # False under DDP: its gradients are views into the all-reduce buckets, zeroed in place
+
+
+def train_step(p: StepParts, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+    """Optimizer step number `step` on a batch; returns the (detached) loss without synchronizing."""
+    if p.mixup.mixup_enabled:
+        x, target = p.mixup(x, y)
+    else:  # the same smoothed targets, built directly: no even batch needed
+        target = mixup_target(y, p.num_classes, smoothing=p.label_smoothing)
+    with autocast(p.device, p.amp_dtype):
+        logits = p.train_module(x)
+    loss = p.criterion(logits.float(), target)
+    p.optimizer.zero_grad(set_to_none=p.zero_to_none)
+    p.scaler.scale(loss).backward()
+    if p.grad_clip > 0:
+        p.scaler.unscale_(p.optimizer)
+        nn.utils.clip_grad_norm_(p.model.parameters(), p.grad_clip)
+    p.scaler.step(p.optimizer)
+    p.scaler.update()
+    p.scheduler.step_update(num_updates=step)
+    if p.ema is not None:
+        p.ema.update(p.model, step=step)
+    return loss.detach()

@@ -18,7 +18,7 @@ from ..distributed import DistInfo, init_distributed
 from ..evaluation import EvalResult, EvaluationStopped, evaluate
 from ..inference import tta_accuracy
 from ..precision import resolve_precision
-from .parts import Parts, use_channels_last
+from .parts import Parts, startup_lines, sync_debug, use_channels_last
 from .runlog import EpochEval, RunDirs, RunLog, StepStats, _silent, augmented_batch, evaluate_epoch
 from .state import Checkpointer, Resumed, run_record
 from .step import train_step
@@ -44,8 +44,7 @@ class Trainer(Parts):
         self.budget: TimeBudget | None = None  # --time-budget's closed loop (calibrate_budget, or the resumed state)
         self.precision_line = (resolved.precision or {}).get("line")  # why --amp/--muon-ns-dtype auto chose what it did
         self.log = RunLog(self.cfg, self.dirs, self.dist, self.out, self.data.classes)  # console, metrics.csv, TensorBoard
-        self.stop = StopControl(self.dist)
-        self.start_epoch, self.step = 0, 0
+        self.stop, self.start_epoch, self.step = StopControl(self.dist), 0, 0
         self.best_metric, self.best_epoch, self.resumed_mid_epoch = -1.0, -1, False
         self.epoch_so_far: StepStats | None = None  # the current epoch's steps before a mid-epoch resume
         if resolved.state is not None:
@@ -68,14 +67,17 @@ class Trainer(Parts):
         return None if self.cfg.progress and self.dist.is_main else True
 
     def fit(self) -> dict:
-        self._announce()
+        for line in startup_lines(self.cfg, self.data.summary(), self.device, self.amp_dtype, self.channels_last,
+                                  self.steps_per_epoch, self.plan, self.budget is not None, self.precision_line,
+                                  self.val_loader is not None, self.dist, self.lr_scale):
+            self.out(line)
         if self.dist.is_main and self.cfg.figures:
             augmented_batch(self.cfg, self.train_loader, self.mixup, self.data.mean, self.data.std, self.data.classes,
                             self.dirs.figures / "augmented_batch.png")
         self.log.open(self.step)
         epoch, final = self.start_epoch, None
         epochs = tqdm(desc="epochs", disable=self._no_bars, initial=epoch, total=self.plan.epochs)
-        self._sync_debug()
+        sync_debug(self.cfg, self.device, self.out)
         self._start_clock()
         try:
             with self.stop:

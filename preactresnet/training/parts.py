@@ -203,33 +203,31 @@ class Parts:
                 bar.total = bar.n + min(self.steps_per_epoch * (ended + 1), self.plan.total_steps) - self.step
                 bar.refresh()
 
-    def _announce(self) -> None:
-        cfg, plan = self.cfg, self.plan
-        self.out("config:\n" + cfg.format())
-        self.out(self.data.summary())
-        self.out(
-            f"device {self.device}, precision {self.amp_dtype or torch.float32}, channels_last {self.channels_last}, "
-            f"{self.steps_per_epoch} steps/epoch x {plan.epochs} epochs"
-            + (f" ({plan.total_steps} steps in all)" if plan.total_steps % self.steps_per_epoch else "")
-            + (" to start with: --time-budget re-plans them as it goes" if self.budget is not None else "")
-        )
-        if self.precision_line:
-            self.out(self.precision_line)
-        selection = "validation split" if self.val_loader is not None else "TEST set (no --val-size given)"
-        self.out(f"best checkpoint chosen on the {selection}")
-        if self.dist.enabled:
-            self.out(f"distributed: {self.dist.world_size} processes, global batch {cfg.batch_size * self.dist.world_size}, "
-                     f"lr {cfg.lr * self.lr_scale:g}")
-        age = process_age()
-        if age is not None:
-            self.out(f"start-up: {age:.1f}s since the process began (imports, data, model, precision timing, budget calibration)")
 
-    def _sync_debug(self) -> None:
-        """--sync-debug: CUDA warns at each host synchronization (logging, epoch ends and checkpoints have some)."""
-        if not self.cfg.sync_debug:
-            return
-        if self.device.type != "cuda":
-            self.out("--sync-debug watches CUDA only; on this device count the calls with python bench/sync_count.py")
-            return
-        torch.cuda.set_sync_debug_mode("warn")
-        self.out("--sync-debug: a warning marks each host synchronization; a clean step has none between log lines")
+def startup_lines(cfg: TrainConfig, data_summary: str, device, amp_dtype, channels_last: bool, steps_per_epoch: int,
+                  plan: RunPlan, budgeted: bool, precision_line: str | None, validated: bool, dist, lr_scale: float) -> list[str]:
+    """What a run prints before its first step: config, data, device and precision, length, selection, start-up."""
+    lines = ["config:\n" + cfg.format(), data_summary,
+             f"device {device}, precision {amp_dtype or torch.float32}, channels_last {channels_last}, "
+             f"{steps_per_epoch} steps/epoch x {plan.epochs} epochs"
+             + (f" ({plan.total_steps} steps in all)" if plan.total_steps % steps_per_epoch else "")
+             + (" to start with: --time-budget re-plans them as it goes" if budgeted else "")]
+    lines += [precision_line] if precision_line else []
+    lines.append(f"best checkpoint chosen on the {'validation split' if validated else 'TEST set (no --val-size given)'}")
+    if dist.enabled:
+        lines.append(f"distributed: {dist.world_size} processes, global batch {cfg.batch_size * dist.world_size}, lr {cfg.lr * lr_scale:g}")
+    age = process_age()
+    if age is not None:
+        lines.append(f"start-up: {age:.1f}s since the process began (imports, data, model, precision timing, budget calibration)")
+    return lines
+
+
+def sync_debug(cfg: TrainConfig, device: torch.device, out) -> None:
+    """--sync-debug: CUDA warns at each host synchronization (logging, epoch ends and checkpoints have some)."""
+    if not cfg.sync_debug:
+        return
+    if device.type != "cuda":
+        out("--sync-debug watches CUDA only; on this device count the calls with python bench/sync_count.py")
+        return
+    torch.cuda.set_sync_debug_mode("warn")
+    out("--sync-debug: a warning marks each host synchronization; a clean step has none between log lines")

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .distributed import DistInfo, broadcast_buffers
 from .system import autocast
 
 
@@ -89,3 +90,30 @@ def evaluate(model: nn.Module, loader, num_classes: int, amp_dtype: torch.dtype 
         per_class=per_class,
         confusion=confusion,
     )
+
+
+@dataclass
+class EpochEval:
+    """An epoch's scores: the model on test (and validation), and its EMA's where there is one."""
+
+    test: EvalResult
+    val: EvalResult | None = None
+    ema_test: EvalResult | None = None
+    ema_val: EvalResult | None = None
+
+
+def evaluate_epoch(model, ema, loaders: tuple, num_classes: int, amp, all_reduce, stops: list, dist: DistInfo) -> EpochEval:
+    """Test (and validation) accuracy of the model and, with --ema, of its EMA. Under torchrun every rank first
+    takes rank 0's BatchNorm statistics: one model (the one rank 0 saves) scores every shard. `stops`: each
+    loader's check before a batch (StopControl.before_batches)."""
+    (test, val), (stop_test, stop_val) = loaders, stops
+    if dist.enabled:
+        broadcast_buffers(model, *([ema.module] if ema is not None else []))
+    result = EpochEval(test=evaluate(model, test, num_classes, amp, all_reduce, stop_test))
+    if val is not None:
+        result.val = evaluate(model, val, num_classes, amp, all_reduce, stop_val)
+    if ema is not None:
+        result.ema_test = evaluate(ema.module, test, num_classes, amp, all_reduce, stop_test)
+        if val is not None:
+            result.ema_val = evaluate(ema.module, val, num_classes, amp, all_reduce, stop_val)
+    return result

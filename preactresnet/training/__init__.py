@@ -14,7 +14,8 @@
 from ..optim import build_mixup, build_optimizer, build_scheduler
 from .loop import Trainer, train
 from .parts import check_total_steps, use_channels_last
-from .runlog import EpochEval, NullWriter, RunDirs, StepStats
+from ..evaluation import EpochEval
+from .runlog import NullWriter, RunDirs, StepStats
 from .stopping import NonFiniteLoss, StopControl, Stopped, resume_command
 
 __all__ = [

@@ -15,11 +15,11 @@ from ..budget import RunClock, TimeBudget
 from ..config import ResolvedConfig, TrainConfig
 from .resolve import resolve_config
 from ..distributed import DistInfo, init_distributed
-from ..evaluation import EvalResult, EvaluationStopped, evaluate
+from ..evaluation import EpochEval, EvalResult, EvaluationStopped, evaluate, evaluate_epoch
 from ..inference import tta_accuracy
 from ..precision import resolve_precision
 from .parts import Parts, startup_lines, sync_debug, use_channels_last
-from .runlog import EpochEval, RunDirs, RunLog, StepStats, _silent, augmented_batch, evaluate_epoch
+from .runlog import RunDirs, RunLog, StepStats, _silent, augmented_batch
 from .state import Checkpointer, Resumed, run_record
 from .step import train_step
 from .stopping import StopControl, Stopped, check_finite, resume_command

@@ -133,9 +133,6 @@ class Parts:
     def _build_optimization(self) -> None:
         cfg = self.cfg
         self.optimizer = build_optimizer(cfg, self.model, self.lr_scale)
-        refused = fused_refusal(cfg.optimizer, self.device) if self.device.type == "cuda" else None
-        if refused and cfg.optimizer in FUSED_KERNELS:
-            self.out(f"torch {torch.__version__} refuses fused {cfg.optimizer} on {self.device} ({refused}): its foreach kernels instead")
         self.scheduler = build_scheduler(cfg, self.optimizer, self.plan, self.lr_scale)
         self.mixup = build_mixup(cfg, self.data.num_classes)
         self.criterion = SoftTargetCrossEntropy()
@@ -213,6 +210,8 @@ def startup_lines(cfg: TrainConfig, data_summary: str, device, amp_dtype, channe
              + (f" ({plan.total_steps} steps in all)" if plan.total_steps % steps_per_epoch else "")
              + (" to start with: --time-budget re-plans them as it goes" if budgeted else "")]
     lines += [precision_line] if precision_line else []
+    refused = fused_refusal(cfg.optimizer, device) if device.type == "cuda" and cfg.optimizer in FUSED_KERNELS else None
+    lines += [f"torch {torch.__version__} refuses fused {cfg.optimizer} on {device} ({refused}): its foreach kernels instead"] if refused else []
     lines.append(f"best checkpoint chosen on the {'validation split' if validated else 'TEST set (no --val-size given)'}")
     if dist.enabled:
         lines.append(f"distributed: {dist.world_size} processes, global batch {cfg.batch_size * dist.world_size}, lr {cfg.lr * lr_scale:g}")

@@ -13,8 +13,8 @@ import torch
 import yaml
 
 from ..config import TrainConfig
-from ..distributed import DistInfo, broadcast_buffers
-from ..evaluation import EvalResult, evaluate
+from ..distributed import DistInfo
+from ..evaluation import EpochEval, EvalResult
 from ..fileio import atomic_write
 from ..plots import augmented_grid, training_curves
 
@@ -47,14 +47,6 @@ class StepStats:
         steps = self.steps + other.steps
         loss = (self.loss * self.steps + other.loss * other.steps) / max(steps, 1)
         return StepStats(loss, self.seconds + other.seconds, self.images + other.images, steps)
-
-
-@dataclass
-class EpochEval:
-    test: EvalResult
-    val: EvalResult | None = None
-    ema_test: EvalResult | None = None
-    ema_val: EvalResult | None = None
 
 
 def _silent(*args, **kwargs) -> None:
@@ -216,19 +208,3 @@ def augmented_batch(cfg: TrainConfig, loader, mixup, mean, std, classes: list[st
     )
     return augmented_grid(x.float() * std + mean, target, classes, path, title)
 
-
-def evaluate_epoch(model, ema, loaders: tuple, num_classes: int, amp, all_reduce, stops: list, dist: DistInfo) -> EpochEval:
-    """Test (and validation) accuracy of the model and, with --ema, of its EMA. Under torchrun every rank first
-    takes rank 0's BatchNorm statistics: one model (the one rank 0 saves) scores every shard. `stops`: each
-    loader's check before a batch (StopControl.before_batches)."""
-    (test, val), (stop_test, stop_val) = loaders, stops
-    if dist.enabled:
-        broadcast_buffers(model, *([ema.module] if ema is not None else []))
-    result = EpochEval(test=evaluate(model, test, num_classes, amp, all_reduce, stop_test))
-    if val is not None:
-        result.val = evaluate(model, val, num_classes, amp, all_reduce, stop_val)
-    if ema is not None:
-        result.ema_test = evaluate(ema.module, test, num_classes, amp, all_reduce, stop_test)
-        if val is not None:
-            result.ema_val = evaluate(ema.module, val, num_classes, amp, all_reduce, stop_val)
-    return result

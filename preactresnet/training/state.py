@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from ..checkpoint import WeightsMeta, rank_state, save_state, save_weights
 from ..distributed import DistInfo, gather_objects
 from ..system import PRECISION_NAMES, rng_state, set_rng_state
-from .runlog import EpochEval, RunDirs, StepStats
+from ..evaluation import EpochEval
+from .runlog import RunDirs, StepStats
 
 
 class Checkpointer:

@@ -56,9 +56,9 @@ def precision_rows(nets: list[str], out=print) -> None:
 
 def trainer_images_per_sec(cfg: TrainConfig, steps: int, warmup: int) -> tuple[float, str]:
     t = Trainer.from_config(cfg, out=lambda *a: None)
-    t.train_loader.set_epoch(0)
+    t.loaders.train.set_epoch(0)
     t.train_steps(warmup)
-    t.train_loader.set_epoch(1)
+    t.loaders.train.set_epoch(1)
     stats = t.train_steps(steps)
     return stats.images / stats.seconds, f"amp {t.cfg.amp}, Muon NS {t.cfg.muon_ns_dtype if t.cfg.optimizer == 'muon' else '-'}"
 

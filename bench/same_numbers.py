@@ -6,7 +6,7 @@ with each commit's code (a git worktree), weights compared tensor by tensor.
     python bench/same_numbers.py ff6ffb0 --fixed-precision  # the demo recipe, fp32 network and orthogonalization
 
 --fixed adds --optimizer sgd --lr 0.1 --amp off --channels-last off --no-whiten-stem (what c6701cf and
-today's code choose alike on any machine). Both runs use this machine, one after the other.
+today's code choose alike on any machine). Both runs use this machine, one after the other, and one precision cache.
 """
 
 from __future__ import annotations
@@ -26,13 +26,15 @@ FIXED = ["--optimizer", "sgd", "--lr", "0.1", "--amp", "off", "--channels-last",
 PRECISION = ["--amp", "off", "--muon-ns-dtype", "fp32"]  # the demo recipe itself, with the timed precision choices fixed
 
 
-def train(code: Path, out: Path, args: list[str]) -> dict[str, torch.Tensor]:
-    """Run train.py from `code` (its own package first on the path) and return its last weights."""
+def train(code: Path, out: Path, args: list[str], cache: Path) -> dict[str, torch.Tensor]:
+    """Run train.py from `code` (its own package first on the path) and return its last weights. `cache`: the
+    precision cache both runs share, so a timed choice (--amp/--muon-ns-dtype auto) is made once, not twice
+    (a busy machine could time it differently the second time)."""
     # this checkout's demo recipe for both (a recipe retuned since is not a difference in the code)
     cmd = [sys.executable, str(code / "train.py"), "--config", str(ROOT / "configs" / "demo.yaml"), "--deterministic",
            "--seed", "0", "--no-progress", "--profile", "off", "--tta", "none", "--run-name", "same",
            "--checkpoint-dir", str(out / "ck"), "--log-dir", str(out / "runs"), "--fig-dir", str(out / "fig"), *args]
-    env = {**os.environ, "PYTHONPATH": str(code), "PREACTRESNET_PRECISION_CACHE": str(out / "precision.json")}
+    env = {**os.environ, "PYTHONPATH": str(code), "PREACTRESNET_PRECISION_CACHE": str(cache)}
     done = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"error: the run with {code} failed:\n{done.stderr[-2000:]}")
@@ -57,7 +59,7 @@ def main() -> None:
                        capture_output=True)
         try:
             (tmp / "a").mkdir(), (tmp / "b").mkdir()
-            theirs, ours = train(other, tmp / "a", extra), train(ROOT, tmp / "b", extra)
+            theirs, ours = train(other, tmp / "a", extra, tmp / "precision.json"), train(ROOT, tmp / "b", extra, tmp / "precision.json")
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(other)], capture_output=True)
     differ = [k for k in ours if k not in theirs or not torch.equal(ours[k], theirs[k])]

@@ -83,7 +83,7 @@ def count_training(argv: list[str], where: str = "preactresnet/data/") -> tuple[
     original = training.Trainer._step
 
     def step(self, x, y):
-        if not counter.active and self.device.type == "cuda":
+        if not counter.active and self.startup.device.type == "cuda":
             torch.cuda.set_sync_debug_mode("warn")  # and CUDA's own account of every synchronization
         counter.active = True
         before, calls = len(caught), counter.total

@@ -72,12 +72,12 @@ def _sync(device: torch.device) -> None:
 def trainer_path(cfg: TrainConfig, steps: int, warmup: int) -> tuple[float, str]:
     """Timed: `steps` whole training steps, augmentation included; the epoch's shuffle is made before."""
     t = Trainer.from_config(cfg, out=lambda *a: None)
-    t.train_loader.set_epoch(0)
+    t.loaders.train.set_epoch(0)
     t.train_steps(warmup)  # warm-up: first-touch allocations, oneDNN kernel choice
-    t.train_loader.set_epoch(1)  # the epoch's order is drawn and moved to the device here, untimed
+    t.loaders.train.set_epoch(1)  # the epoch's order is drawn and moved to the device here, untimed
     stats = t.train_steps(steps)
-    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(t.amp_dtype) or fp32_label(t.device)
-    how = f"{precision}, channels_last={t.channels_last}, device={t.device}"
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(t.startup.amp_dtype) or fp32_label(t.startup.device)
+    how = f"{precision}, channels_last={t.startup.channels_last}, device={t.startup.device}"
     return stats.images / stats.seconds, how
 
 

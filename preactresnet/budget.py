@@ -1,6 +1,6 @@
 """The run's length (`RunPlan`) and --time-budget as a closed loop (`TimeBudget`).
 
-A few seconds of calibration on the run's own trainer start the loop (its steps are discarded); from then on
+A few seconds of calibration on the run's own steps start the loop (its steps are discarded); from then on
 the run re-plans from its own measured progress: every `CHECK_SHARE` of the planned steps and at every
 epoch end it compares the finish it now expects (seconds spent, steps left at the speed just measured, the
 epoch ends left at their measured cost: evaluation, log, checkpoint) with the budget, and when that finish
@@ -12,8 +12,10 @@ A run given its length (--epochs, --total-steps) has a fixed plan and never re-p
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -112,10 +114,20 @@ class TimeBudget:
         self.marks = [(0.0, 0)]  # (seconds of steps so far, step) at the last checks
         self.next_check = 0
 
-    def start(self, step: int) -> None:
-        """Open the first stretch of steps at `step` (the run's, or a resumed run's first step)."""
+    def start(self, step: int, asked: str) -> str | None:
+        """Open the first stretch of steps at `step` (the run's, or a resumed run's first step); a run resumed
+        before its end gets the line saying what is left of the budget (`asked`: --time-budget as given)."""
         self.window, self.marks = (self.clock.spent(), step, 0.0), [(0.0, step)]
         self.next_check = step + self._every()
+        if not 0 < step < self.plan.total_steps:  # a fresh run, or a finished one that only evaluates
+            return None
+        spent = self.clock.spent()
+        return (f"time budget {asked}: {spent:.1f}s of {self.seconds:.0f}s spent before the stop, {max(self.seconds - spent, 0):.1f}s "
+                f"left; {self.plan.total_steps - step} steps planned, re-planned as it goes")
+
+    def length(self) -> dict:
+        """The length chosen so far, for the weights' metadata (export's recipe and model card read it)."""
+        return {"epochs": self.plan.epochs, "total_steps": self.plan.total_steps}
 
     def _every(self) -> int:
         return max(1, round(CHECK_SHARE * self.plan.total_steps))
@@ -188,38 +200,57 @@ class TimeBudget:
                 "replans": self.replans}
 
     @classmethod
-    def from_state(cls, state: dict, plan: RunPlan, dist: DistInfo, clock: RunClock) -> TimeBudget:
+    def from_state(cls, state: dict | None, plan: RunPlan, dist: DistInfo, clock: RunClock) -> TimeBudget | None:
+        """A resumed run's budget as saved (None: the run had none)."""
+        if state is None:
+            return None
         budget = cls(state["seconds"], Calibration(*state["calibration"]), plan, dist, clock)
         budget.speed, budget.after_eval, budget.replans = Calibration(*state["speed"]), state["after_eval"], state["replans"]
         return budget
 
 
-def calibrate(trainer, seconds_wanted: float = MIN_TIMED_SECONDS) -> Calibration:
-    """Time real steps (after WARMUP_STEPS untimed ones, for `seconds_wanted`) and one evaluation on the run's trainer.
-    Under torchrun every rank steps (DDP's collectives need them all) and the slowest rank's times count,
-    so every rank takes the same number of steps."""
-    trainer.train_loader.set_epoch(0)
-    trainer.train_steps(WARMUP_STEPS)
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on a GPU, so that a clock read next counts it (a CPU's work is done when queued)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def calibrate(step: Callable, evaluate: Callable, loader, steps_per_epoch: int, dist: DistInfo, device: torch.device,
+              seconds_wanted: float = MIN_TIMED_SECONDS) -> tuple[float, float]:
+    """Seconds per step (after WARMUP_STEPS untimed ones, timed for `seconds_wanted`) and of one evaluation, on the
+    run's own parts: `step(x, y)` one optimizer step, `evaluate()` one epoch's evaluation. Under torchrun every rank
+    steps (DDP's collectives need them all) and the slowest rank's times count, so every rank takes the same steps."""
+
+    def timed(n: int) -> tuple[int, float]:  # up to n steps from the loader's position: how many, how long
+        if loader.batch >= steps_per_epoch:
+            loader.set_epoch(loader.epoch + 1)
+        start, done = time.perf_counter(), 0
+        for x, y in itertools.islice(loader, min(n, steps_per_epoch - loader.batch)):
+            step(x, y)
+            done += 1
+        synchronize(device)
+        return done, all_reduce_max([time.perf_counter() - start], dist)[0]
+
+    loader.set_epoch(0)
+    timed(WARMUP_STEPS)
     steps, seconds = 0, 0.0
     while steps < MIN_TIMED_STEPS or seconds < seconds_wanted:
-        if trainer.train_loader.batch >= trainer.steps_per_epoch:
-            trainer.train_loader.set_epoch(trainer.train_loader.epoch + 1)
-        stats = trainer.train_steps(min(5, trainer.steps_per_epoch - trainer.train_loader.batch))
-        steps, seconds = steps + stats.steps, seconds + all_reduce_max([stats.seconds], trainer.dist)[0]
+        done, spent = timed(5)
+        steps, seconds = steps + done, seconds + spent
     start = time.perf_counter()
-    trainer.evaluate_epoch()
-    if trainer.device.type == "cuda":
-        torch.cuda.synchronize(trainer.device)
-    (eval_seconds,) = all_reduce_max([time.perf_counter() - start], trainer.dist)
-    return Calibration(seconds / steps, eval_seconds, trainer.cfg.batch_size)
+    evaluate()
+    synchronize(device)
+    (eval_seconds,) = all_reduce_max([time.perf_counter() - start], dist)
+    return seconds / steps, eval_seconds
 
 
-def plan_budget(trainer, out=print) -> tuple[RunPlan, Calibration]:
-    """Calibrate on `trainer` (every rank takes part) and return the first plan; the trainer then starts over."""
-    cfg = trainer.cfg
+def plan_budget(cfg: TrainConfig, dist: DistInfo, step: Callable, evaluate: Callable, loader, steps_per_epoch: int,
+                device: torch.device, out=print) -> tuple[RunPlan, Calibration]:
+    """Calibrate (every rank takes part; see `calibrate`) and return the first plan; the run then starts over."""
     budget = parse_duration(cfg.time_budget)
-    cal = calibrate(trainer, timed_seconds(budget))
-    plan = first_plan(budget, cfg, trainer.steps_per_epoch, cal)  # the same on every rank
+    seconds_per_step, eval_seconds = calibrate(step, evaluate, loader, steps_per_epoch, dist, device, timed_seconds(budget))
+    cal = Calibration(seconds_per_step, eval_seconds, cfg.batch_size)
+    plan = first_plan(budget, cfg, steps_per_epoch, cal)  # the same on every rank
     if plan.total_steps < plan.steps_per_epoch:
         out(f"time budget {cfg.time_budget} is shorter than one epoch here: training {plan.total_steps} of its "
             f"{plan.steps_per_epoch} steps, then one evaluation")

@@ -75,6 +75,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> None:
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
+def sum_over_ranks(all_reduce, *values: torch.Tensor) -> list[float]:
+    """The values (scalar tensors on the device) summed over the ranks in one all-reduce, read once (all_reduce=None:
+    this process alone)."""
+    summed = torch.stack([v.float() for v in values])
+    if all_reduce is not None:
+        all_reduce(summed)
+    return summed.tolist()
+
+
 def all_reduce_max(values: list[float], info: DistInfo) -> list[float]:
     """The largest of each value over all ranks (host floats, through the gloo group)."""
     if not info.enabled:

@@ -117,3 +117,4 @@ def evaluate_epoch(model, ema, loaders: tuple, num_classes: int, amp, all_reduce
         if val is not None:
             result.ema_val = evaluate(ema.module, val, num_classes, amp, all_reduce, stop_val)
     return result
+

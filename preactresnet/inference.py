@@ -13,7 +13,7 @@ from .checkpoint import CheckpointError, check_metadata, load_weights, portable_
 from .data import BatchAugment, TensorLoader, load_dataset
 from .data.augment import constant
 from .data.sources import SAMPLE_NAME
-from .evaluation import EvalResult, accuracy_of, batch_confusion, confusion_counts
+from .evaluation import EvalResult, accuracy_of, batch_confusion, confusion_counts, evaluate
 from .fileio import first_line
 from .models import create_model
 from .system import autocast
@@ -173,3 +173,10 @@ def calibration(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> tu
             ece += n / len(labels) * abs(acc - c)
             table.append({"lo": float(lo), "hi": float(hi), "count": n, "accuracy": acc, "confidence": c})
     return 100.0 * ece, table
+
+
+def final_scores(model, loader, tta: str, num_classes: int, amp, all_reduce, last: EvalResult | None) -> tuple:
+    """A run's closing test result (`last`: its last epoch's, or evaluated now for a finished run resumed) and the
+    --tta accuracy beside it (None for 'none')."""
+    final = last if last is not None else evaluate(model, loader, num_classes, amp, all_reduce)
+    return final, None if tta == "none" else tta_accuracy(model, loader, tta, num_classes, amp, all_reduce)

@@ -32,8 +32,11 @@ class RunPlan:
         self.warmup_wanted = self.warmup_steps if self.warmup_wanted < 0 else self.warmup_wanted
 
     @classmethod
-    def of(cls, cfg: TrainConfig, steps_per_epoch: int, total_steps: int = 0) -> RunPlan:
-        """--epochs/--total-steps (or `total_steps`), with --warmup-epochs cut short only by a shorter run."""
+    def of(cls, cfg: TrainConfig, steps_per_epoch: int, total_steps: int = 0, saved: dict | None = None) -> RunPlan:
+        """--epochs/--total-steps (or `total_steps`), with --warmup-epochs cut short only by a shorter run;
+        a resumed time budget's plan as it was `saved`."""
+        if saved:
+            return cls.from_state(saved)
         total = total_steps or cfg.total_steps or cfg.epochs * steps_per_epoch
         wanted = int(round(cfg.warmup_epochs * steps_per_epoch))
         return cls(steps_per_epoch, total, min(wanted, total - 1), warmup_wanted=wanted)

@@ -154,7 +154,7 @@ def test_a_wrong_calibration_costs_one_correction_not_the_run(tmp_path, monkeypa
     assert 0.97 <= _spent_share(t, tmp_path, "wrong") <= 1.005
     replans = [x for x in lines if x.startswith("time budget:")]
     assert 1 <= len(replans) <= 3 and ("ahead of" if calibration > 0.5 else "behind") in replans[0], replans
-    assert t.optimizer.param_groups[0]["lr"] == pytest.approx(t.cfg.min_lr), "the decay ended at the last step"
+    assert t.step_parts.optimizer.param_groups[0]["lr"] == pytest.approx(t.cfg.min_lr), "the decay ended at the last step"
 
 
 @pytest.mark.slow(4)

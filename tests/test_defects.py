@@ -105,7 +105,7 @@ def test_a_state_saved_by_c6701cf_still_resumes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg, explicit = parse_args(["--resume", "ck/c6701cf", "--no-progress"])
     t = training.Trainer.from_config(cfg, explicit, out=lambda *a: None)
-    assert (t.step, t.start_epoch, t.train_loader.batch) == (6, 1, 2), "resumed where c6701cf stopped"
+    assert (t.step, t.start_epoch, t.loaders.train.batch) == (6, 1, 2), "resumed where c6701cf stopped"
     assert t.cfg.optimizer == "sgd" and t.cfg.width_mult == 0.0625 and t.cfg.muon_ns_dtype == "bf16"
     result = t.fit()
     state = load_state(run / "last.state.pt")

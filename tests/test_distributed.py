@@ -127,16 +127,16 @@ def test_compile_runs_through_the_trainer_alone_and_under_ddp(tmp_path):
 def _bucket_views(rank, argv):
     """Gradient storage after each zero_grad of 3 real steps: in place (DDP's buckets) or dropped (None)."""
     t = _build(argv)
-    seen, zero_grad = [], t.optimizer.zero_grad
+    seen, zero_grad = [], t.step_parts.optimizer.zero_grad
 
     def watched(set_to_none=True):
         zero_grad(set_to_none=set_to_none)
-        seen.append([None if p.grad is None else p.grad.data_ptr() for p in t.model.parameters()])
+        seen.append([None if p.grad is None else p.grad.data_ptr() for p in t.net.model.parameters()])
 
-    t.optimizer.zero_grad = watched
-    t.train_loader.set_epoch(0)
+    t.step_parts.optimizer.zero_grad = watched
+    t.loaders.train.set_epoch(0)
     t.train_steps(3)
-    return t.train_module.gradient_as_bucket_view, seen
+    return t.net.train_module.gradient_as_bucket_view, seen
 
 
 def test_ddp_gradients_stay_in_its_buckets_across_steps(tmp_path):
@@ -399,17 +399,17 @@ def test_a_data_build_longer_than_the_collective_timeout_is_waited_for(tmp_path)
 def _signal_during_evaluation(rank, argv, seconds_per_batch):
     """Evaluation batches slowed to `seconds_per_batch`; rank 1 gets SIGTERM as the first evaluation begins."""
     t = _build(argv)
-    forward = t.model.forward
+    forward = t.net.model.forward
 
     def slow(x):
-        if not t.model.training:
+        if not t.net.model.training:
             if rank == 1 and not hasattr(t, "signalled"):
                 t.signalled = time.monotonic()
                 os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(seconds_per_batch)
         return forward(x)
 
-    t.model.forward = slow
+    t.net.model.forward = slow
     return _fit_until_stopped(t)
 
 

@@ -75,7 +75,7 @@ def test_resume_places_step_counters_for_this_runs_fused_kernels(tmp_path, monke
 
     monkeypatch.setattr(torch.optim.Optimizer, "_process_value_according_to_param_policy", staticmethod(watched))
     resumed = trainer(tmp_path, "--resume", str(run_dir))
-    assert all(g.get("fused") for g in resumed.optimizer.param_groups)
+    assert all(g.get("fused") for g in resumed.step_parts.optimizer.param_groups)
     assert seen and all(seen), "each step counter placed for the fused kernel that will read it"
     resumed.train_steps(1)  # and the fused kernel takes them
 

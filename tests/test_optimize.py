@@ -50,7 +50,7 @@ def test_profile_round_trip_and_train_applies_it(rows, tmp_path):
     assert any("using system profile" in m for m in messages)
     # An explicit flag wins over the profile.
     cfg, explicit = parse_args(["--data-dir", "sample", "--width-mult", "0.125", "--profile", str(path), "--channels-last", "off"])
-    assert Trainer.from_config(cfg, explicit, out=lambda *a: None).channels_last is False
+    assert Trainer.from_config(cfg, explicit, out=lambda *a: None).startup.channels_last is False
 
 
 def test_profile_from_another_machine_or_model_is_ignored(rows, tmp_path):

@@ -84,8 +84,8 @@ def _saved_state(tmp_path, at="mid", extra=(), **changes):
     if at == "mid":
         interrupt_at(t, 2)
     else:
-        checkpoint = t.checkpoint_epoch
-        t.checkpoint_epoch = lambda *a: os.kill(os.getpid(), signal.SIGINT) or checkpoint(*a)
+        checkpoint = t.checkpointer.save_epoch
+        t.checkpointer.save_epoch = lambda *a: os.kill(os.getpid(), signal.SIGINT) or checkpoint(*a)
     with pytest.raises(KeyboardInterrupt):
         t.fit()
     path = tmp_path / "ck" / "saved" / "last.state.pt"
@@ -133,8 +133,8 @@ def test_resume_on_another_device_type_builds_this_devices_optimizer(tmp_path):
     save_state(run_dir / "last.state.pt", state)
     resumed = trainer(tmp_path, "--resume", str(run_dir))
     built = trainer(tmp_path / "fresh", "--optimizer", "sgd", "--lr", "0.1")
-    assert [g.get("fused") for g in resumed.optimizer.param_groups] == [g.get("fused") for g in built.optimizer.param_groups]
-    assert not any(g.get("fused") for g in resumed.optimizer.param_groups)
+    assert [g.get("fused") for g in resumed.step_parts.optimizer.param_groups] == [g.get("fused") for g in built.step_parts.optimizer.param_groups]
+    assert not any(g.get("fused") for g in resumed.step_parts.optimizer.param_groups)
 
 
 def test_resumed_run_keeps_the_precision_it_began_with(tmp_path):
@@ -265,7 +265,7 @@ def test_profile_process_settings_applied_and_kept_on_resume(tmp_path, monkeypat
         torch.backends.cuda.matmul.allow_tf32 = False
         run_dir = _saved_state(tmp_path, process={"tf32": True, "cudnn_benchmark": False})
         t = trainer(tmp_path, "--resume", str(run_dir))
-        assert torch.backends.cuda.matmul.allow_tf32 is True and t.process["tf32"] is True
+        assert torch.backends.cuda.matmul.allow_tf32 is True and t.startup.process["tf32"] is True
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 

@@ -8,6 +8,7 @@ A step's count is the difference between runs of 2 and 8 steps: what one call of
 does once (the loss read at its end) cancels out, what each step does would not.
 """
 
+import dataclasses
 import itertools
 import sys
 from collections import Counter
@@ -47,9 +48,9 @@ class AtenSyncs(TorchDispatchMode):
 
 
 def _counts(trainer, steps: int) -> Counter:
-    trainer.train_loader.set_epoch(0)
+    trainer.loaders.train.set_epoch(0)
     python = SyncCounter("preactresnet/")
-    steps_kept = [s["step"] for s in trainer.optimizer.state.values() if isinstance(s.get("step"), torch.Tensor)]
+    steps_kept = [s["step"] for s in trainer.step_parts.optimizer.state.values() if isinstance(s.get("step"), torch.Tensor)]
     with python.patched(), AtenSyncs([t for t in steps_kept if t.device.type == "cpu"]) as aten:
         python.active = True
         trainer.train_steps(steps)
@@ -139,7 +140,8 @@ def test_one_ranks_non_finite_loss_stops_every_rank_at_the_log_step(tmp_path):
 
     cfg, explicit = parse_args(run_args(tmp_path, "--log-interval", "2", "--epochs", "1"))
     t = Trainer.from_config(cfg, explicit, out=lambda *a: None)
-    t.all_reduce = lambda values: values.fill_(float("nan"))  # what an all-reduce returns when another rank diverged
+    # what an all-reduce returns when another rank diverged
+    t.net = dataclasses.replace(t.net, all_reduce=lambda values: values.fill_(float("nan")))
     with pytest.raises(NonFiniteLoss, match="step 2"):
         t.train_steps(3)
 
@@ -200,12 +202,12 @@ def test_cuda_device_index_fused_optimizers_and_a_clean_step(tmp_path):
     n = torch.cuda.device_count() - 1
     cfg, explicit = parse_args(run_args(tmp_path, "--device", f"cuda:{n}", "--amp", "auto", "--epochs", "1"))
     t = Trainer.from_config(cfg, explicit, out=lambda *a: None)
-    assert torch.cuda.current_device() == n and t.optimizer.defaults.get("fused") is True
-    t.train_loader.set_epoch(0)
+    assert torch.cuda.current_device() == n and t.step_parts.optimizer.defaults.get("fused") is True
+    t.loaders.train.set_epoch(0)
     t.train_steps(3)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for x, y in itertools.islice(t.train_loader, 3):
+        for x, y in itertools.islice(t.loaders.train, 3):
             t._step(x, y)  # a step with any host synchronization raises here
     finally:
         torch.cuda.set_sync_debug_mode(0)

@@ -12,7 +12,8 @@ from preactresnet.checkpoint import CheckpointError, load_state, read_metadata, 
 from preactresnet.cli import main_train
 from preactresnet.config import TrainConfig, parse_args
 from preactresnet.plan import RunPlan
-from preactresnet.training import NonFiniteLoss, Trainer, build_mixup, build_scheduler
+from preactresnet.optim import build_mixup, build_scheduler
+from preactresnet.training import NonFiniteLoss, Trainer
 
 TINY = [
     "--data-dir", "sample", "--model", "preactresnet18", "--width-mult", "0.125", "--batch-size", "32",
@@ -59,7 +60,7 @@ def _weights(path):
 
 def interrupt_at(t, step, sig=signal.SIGINT, times=1):
     """Send a real signal (default SIGINT, Ctrl-C) `times` times right after optimizer step `step` of `t`."""
-    original = t.scheduler.step_update
+    original = t.step_parts.scheduler.step_update
 
     def step_update(num_updates, metric=None):
         original(num_updates=num_updates)
@@ -67,7 +68,7 @@ def interrupt_at(t, step, sig=signal.SIGINT, times=1):
             for _ in range(times):
                 os.kill(os.getpid(), sig)
 
-    t.scheduler.step_update = step_update
+    t.step_parts.scheduler.step_update = step_update
 
 
 @pytest.mark.slow(5)

@@ -3,7 +3,7 @@
 from .augment import AugmentConfig, BatchAugment
 from .cache import Dataset, channel_stats, load_dataset, split_validation
 from .loader import TensorLoader
-from .sources import SAMPLE_FILE, SAMPLE_NAME, DataError, resolve_source
+from .sources import SAMPLE_FILE, SAMPLE_NAME, DataError, num_classes_of, resolve_source
 
 __all__ = [
     "AugmentConfig",
@@ -15,6 +15,7 @@ __all__ = [
     "TensorLoader",
     "channel_stats",
     "load_dataset",
+    "num_classes_of",
     "resolve_source",
     "split_validation",
 ]

@@ -1,6 +1,6 @@
 """Resolving a run once, in a fixed order: the saved state (--resume: the saved config wins), the system
 profile, validation, the run name; rank 0's result on every rank. Precision (precision.py) and the time
-budget's first plan (parts.Parts.calibrate_budget) follow in Trainer.from_config."""
+budget's first plan (Trainer.calibrate_budget) follow in Trainer.from_config."""
 
 from __future__ import annotations
 

@@ -83,6 +83,11 @@ class RunLog:
         self.write_config()
         self.writer = SummaryWriter(str(self.dirs.logs), purge_step=step if step else None)
 
+    def augmented_batch(self, loader, mixup, data) -> None:
+        """figures/augmented_batch.png (rank 0, unless --no-figures): a batch as the model sees it."""
+        if self.dist.is_main and self.cfg.figures:
+            augmented_batch(self.cfg, loader, mixup, data.mean, data.std, data.classes, self.dirs.figures / "augmented_batch.png")
+
     def epoch_row(self, epoch: int, step: int, lr: float, stats: StepStats, ev: EpochEval, spent: float, budget: dict,
                   eval_seconds: float = 0.0) -> dict:
         """One row of metrics.csv, and the same figures in TensorBoard (epoch_seconds: training steps only;

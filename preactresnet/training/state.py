@@ -1,7 +1,8 @@
 """The training state: `Checkpointer` writes a run's files, given what they hold (timm's CheckpointSaver is the
 model): `last.state.pt` (each object through its own state_dict), last, EMA and best weights, in that order, each
-replaced atomically; and loads them back into its objects for an exact resume. `run_record` is the run's own
-values in that state; `Resumed` reads them back.
+replaced atomically; and loads them back into its objects for an exact resume. It keeps the best epoch's score, as
+timm's does. `run_record` is the run's own values in that state; `Resumed` reads them back; `starting_point` is
+what the time budget's calibration starts over from.
 """
 
 from __future__ import annotations
@@ -13,14 +14,28 @@ from ..distributed import DistInfo, gather_objects
 from ..system import PRECISION_NAMES, rng_state, set_rng_state
 from ..evaluation import EpochEval
 from .runlog import RunDirs, StepStats
+from .step import StepParts
 
 
 class Checkpointer:
-    """Saves and loads what it was given: the model, optimizer, gradient scaler, EMA and training loader."""
+    """Saves and loads what it was given: the model, optimizer, gradient scaler and EMA of a step's parts, and the
+    training loader; it keeps the best epoch's score (on the split that chooses it) and that epoch."""
 
-    def __init__(self, dirs: RunDirs, dist: DistInfo, meta: WeightsMeta, model, optimizer, scaler, ema, loader):
+    def __init__(self, dirs: RunDirs, dist: DistInfo, meta: WeightsMeta, parts: StepParts, loader):
         self.dirs, self.dist, self.meta = dirs, dist, meta
-        self.model, self.optimizer, self.scaler, self.ema, self.loader = model, optimizer, scaler, ema, loader
+        self.model, self.optimizer, self.scaler, self.ema, self.loader = parts.model, parts.optimizer, parts.scaler, parts.ema, loader
+        self.best_metric, self.best_epoch = -1.0, -1
+
+    def save_epoch(self, epoch: int, ev: EpochEval, record: dict, plan: dict | None) -> None:
+        """After `epoch` epochs: the state and last weights, then best.safetensors if the chosen split improved (a kill
+        between the two leaves a resumable state). `plan`: the length a time budget chose, for the metadata."""
+        accuracy, weights, accuracies, split = self.judge(ev)
+        improved = accuracy > self.best_metric
+        if improved:
+            self.best_metric, self.best_epoch = accuracy, epoch
+        self.save_last(epoch, record, plan)
+        if improved:
+            self.save_best(epoch, weights, accuracies, split, plan)
 
     def save_last(self, epoch: int, record: dict, plan: dict | None) -> None:
         """State, then last weights, then EMA weights (before best). Every rank takes part (each contributes its
@@ -33,7 +48,7 @@ class Checkpointer:
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema is not None else None, "world_size": self.dist.world_size,
             "ranks": ranks,  # each rank's loader position and random streams, in rank order
-            **record,
+            "best_metric": self.best_metric, "best_epoch": self.best_epoch, **record,
         }
         save_state(self.dirs.checkpoints / "last.state.pt", state)
         last = record["history"][-1] if record["history"] else {}
@@ -58,9 +73,12 @@ class Checkpointer:
             meta = self.meta.at(epoch, ema=weights is not self.model, selected_on=split, plan=plan, **accuracies)
             save_weights(self.dirs.checkpoints / "best.safetensors", weights.state_dict(), meta)
 
-    def load(self, state: dict, device_type: str) -> bool:
+    def load(self, state: dict, device_type: str, num_classes: int, run_dir) -> bool:
         """Every object back as saved; returns whether the state was saved on this device type (else the loader
         is re-seeded at its epoch's start: another device's generator cannot continue)."""
+        if state["model_args"]["num_classes"] != num_classes:
+            raise ValueError(f"{run_dir} was trained on {state['model_args']['num_classes']} classes, this data has {num_classes}")
+        self.best_metric, self.best_epoch = float(state["best_metric"]), int(state["best_epoch"])
         self.model.load_state_dict(state["model"])
         saved = state["optimizer"]
         kernels = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g} for g in self.optimizer.param_groups]
@@ -82,11 +100,12 @@ def run_record(trainer) -> dict:
     """The run's own values in its state (read from the Trainer, never changed here)."""
     t = trainer
     return {
-        "config": t.cfg.to_dict(), "step": t.step, "device_type": t.device.type, "precision": PRECISION_NAMES[t.amp_dtype],
-        "process": t.process,  # the profile's TF32 / cudnn.benchmark, applied again on resume
+        "config": t.cfg.to_dict(), "step": t.step, "device_type": t.startup.device.type,
+        "precision": PRECISION_NAMES[t.startup.amp_dtype],
+        "process": t.startup.process,  # the profile's TF32 / cudnn.benchmark, applied again on resume
         "epoch_progress": vars(t.epoch_so_far) if t.epoch_so_far is not None else None,
-        "best_metric": t.best_metric, "best_epoch": t.best_epoch, "history": t.log.history, "classes": t.data.classes,
-        "mean": list(t.data.mean), "std": list(t.data.std), "model_args": t.model_args,
+        "history": t.log.history, "classes": t.data.classes,
+        "mean": list(t.data.mean), "std": list(t.data.std), "model_args": t.net.model_args,
         "plan": t.plan.state_dict(),  # the run's length (a time budget's as re-planned so far)
         "budget": t.budget.state_dict() if t.budget is not None else None,
         "spent_seconds": t.clock.spent(),  # a resumed time budget spends only what is left
@@ -99,8 +118,6 @@ class Resumed:
 
     start_epoch: int
     step: int
-    best_metric: float
-    best_epoch: int
     history: list
     epoch_so_far: StepStats | None
     spent_seconds: float
@@ -111,5 +128,29 @@ class Resumed:
         so_far = StepStats(**state["epoch_progress"]) if state.get("epoch_progress") and mid_epoch else None
         # a state saved before the run's clock was: its last epoch's elapsed seconds and the steps after them
         before = (history[-1]["elapsed_seconds"] if history else 0.0) + (so_far.seconds if so_far is not None else 0.0)
-        return cls(int(state["epoch"]), int(state["step"]), float(state["best_metric"]), int(state["best_epoch"]), history,
-                   so_far, state.get("spent_seconds", before))
+        return cls(int(state["epoch"]), int(state["step"]), history, so_far, state.get("spent_seconds", before))
+
+
+def resumed_line(state: dict, run_dir, r: Resumed, batch: int, same_device: bool) -> str:
+    """What a resumed run says: where it continues (`batch`: the loader's position in its epoch)."""
+    where = f"epoch {r.start_epoch + 1}" + (f", batch {batch + 1}" if batch > 0 else "")
+    moved = "" if same_device else f" (saved on {state['device_type']}: not bit-identical to staying there)"
+    return f"resumed {run_dir} at {where} (step {r.step}){moved}"
+
+
+@dataclass(frozen=True)
+class StartingPoint:
+    """The model's weights, the loader's position and the random streams, to start over from (after calibration)."""
+
+    model: dict
+    loader: dict
+    rng: object  # system.rng_state()
+
+    def restore(self, model, loader) -> None:
+        model.load_state_dict(self.model)
+        loader.load_state_dict(self.loader)
+        set_rng_state(self.rng)
+
+
+def starting_point(model, loader) -> StartingPoint:
+    return StartingPoint({k: v.clone() for k, v in model.state_dict().items()}, loader.state_dict(), rng_state())

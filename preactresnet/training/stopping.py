@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..distributed import Agreement, DistInfo
+from ..distributed import Agreement, DistInfo, sum_over_ranks
 
 
 def resume_command(dist: DistInfo, argv0: str | None = None) -> str:
@@ -56,10 +56,6 @@ class StopControl:
         self.agreement = Agreement(dist)  # when the ranks compare their requests between steps
         self._previous: dict = {}
 
-    def restart(self) -> None:
-        """A new run on the same process group (after the time budget's calibration): meetings count from here."""
-        self.agreement = Agreement(self.dist)
-
     def poll(self) -> bool:
         """Between two steps: at once alone; under torchrun whether any rank asked, within about a second."""
         if self.agreement.poll(self.requested):
@@ -69,6 +65,12 @@ class StopControl:
     def flag(self, device) -> torch.Tensor:
         """This rank's request as a tensor, to ride with an all-reduce the loop makes anyway."""
         return torch.full((), float(self.requested), device=device)
+
+    def agree_now(self, device, all_reduce) -> bool:
+        """At an epoch's start: whether to stop (under torchrun: any rank's request, e.g. from the last epoch's end)."""
+        if self.dist.enabled:
+            self.agreed(sum_over_ranks(all_reduce, self.flag(device))[0])
+        return self.requested
 
     def agreed(self, summed: float) -> bool:
         """The all-reduced flag: any rank's request is every rank's."""
@@ -81,7 +83,7 @@ class StopControl:
         if loader is None:
             return None
         common = math.ceil(len(loader.labels) // self.dist.world_size / loader.batch_size)
-        return lambda i: i < common and self.agreement.meet(self.requested)
+        return lambda i: i < common and self.agreed(float(self.agreement.meet(self.requested)))
 
     def __enter__(self):
         for sig in self.SIGNALS:
@@ -112,10 +114,16 @@ class StopControl:
         return False
 
 
-def check_finite(trainer, value: float, epoch: int) -> None:
+def check_finite(value: float, epoch: int, step: int, checkpoints: Path) -> None:
     """A non-finite training loss stops the run without saving: the last good checkpoint stays."""
     if not math.isfinite(value):
         raise NonFiniteLoss(
-            f"training loss became {value} in epoch {epoch + 1} (step {trainer.step}); stopped without saving, "
-            f"so {trainer.dirs.checkpoints}/last.* still holds the last good epoch. Lower --lr or set --grad-clip"
+            f"training loss became {value} in epoch {epoch + 1} (step {step}); stopped without saving, "
+            f"so {checkpoints}/last.* still holds the last good epoch. Lower --lr or set --grad-clip"
         )
+
+
+def stop_message(checkpoints: Path, step: int, dist: DistInfo) -> str:
+    """What a stopped run says: where its state is and the command that continues it."""
+    return (f"stopped: saved {checkpoints}/last.state.pt at step {step}; continue with "
+            f"{resume_command(dist)} --resume {checkpoints}")

@@ -245,8 +245,9 @@ def calibrate(step: Callable, evaluate: Callable, loader, steps_per_epoch: int, 
 
 
 def plan_budget(cfg: TrainConfig, dist: DistInfo, step: Callable, evaluate: Callable, loader, steps_per_epoch: int,
-                device: torch.device, out=print) -> tuple[RunPlan, Calibration]:
-    """Calibrate (every rank takes part; see `calibrate`) and return the first plan; the run then starts over."""
+                device: torch.device, clock: RunClock, out=print) -> TimeBudget:
+    """Calibrate (every rank takes part; see `calibrate`) and return the budget with its first plan (the run then
+    starts over); `clock`: the run's, which the budget reads."""
     budget = parse_duration(cfg.time_budget)
     seconds_per_step, eval_seconds = calibrate(step, evaluate, loader, steps_per_epoch, dist, device, timed_seconds(budget))
     cal = Calibration(seconds_per_step, eval_seconds, cfg.batch_size)
@@ -259,4 +260,4 @@ def plan_budget(cfg: TrainConfig, dist: DistInfo, step: Callable, evaluate: Call
         f"measured, so {plan.total_steps} steps ({plan.total_steps / plan.steps_per_epoch:.2f} epochs) to start with; "
         f"the run re-plans from its own progress every {CHECK_SHARE:.1%} of its steps and at each epoch end"
     )
-    return plan, cal
+    return TimeBudget(budget, cal, plan, dist, clock)

@@ -278,7 +278,7 @@ class ResolvedConfig:
     state: dict | None = None  # the training state to resume from
     run_dir: Path | None = None  # the run being resumed
     profile: dict | None = None  # the system profile applied (its 'applied' settings, 'path', 'tf32')
-    precision: dict | None = None  # what --amp auto / --muon-ns-dtype auto chose, and the line saying why
+    precision_line: str | None = None  # why --amp auto / --muon-ns-dtype auto chose what they did (None: no choice timed)
 
 
 __all__ = [

@@ -195,7 +195,7 @@ def gpu_rule(wanted: tuple, device: torch.device) -> dict:
 
 def resolve_precision(run: ResolvedConfig, dist: DistInfo, num_classes: int, channels_last: bool,
                       clock=time.perf_counter, path: Path | None = None) -> ResolvedConfig:
-    """The run with 'auto' precisions replaced by what was chosen, and the line saying why (`run.precision`).
+    """The run with 'auto' precisions replaced by what was chosen, and the line saying why (`run.precision_line`).
     A resumed run keeps what it was saved with; explicit settings (flags, YAML, a system profile) win."""
     cfg = run.cfg
     wanted = tuple(w for w, auto in (("amp", cfg.amp == "auto"), ("ns", cfg.optimizer == "muon" and cfg.muon_ns_dtype == "auto")) if auto)
@@ -203,7 +203,7 @@ def resolve_precision(run: ResolvedConfig, dist: DistInfo, num_classes: int, cha
         return run
     chosen, line = decide(cfg, wanted, num_classes, channels_last, clock, path) if dist.is_main else (None, None)
     chosen, line = broadcast_object((chosen, line), dist)  # rank 0 decided (timed on a CPU): every rank trains alike
-    return dataclasses.replace(run, cfg=dataclasses.replace(cfg, **chosen), precision={"chosen": chosen, "line": line})
+    return dataclasses.replace(run, cfg=dataclasses.replace(cfg, **chosen), precision_line=line)
 
 
 def decide(cfg: TrainConfig, wanted: tuple, num_classes: int, channels_last: bool, clock=time.perf_counter,

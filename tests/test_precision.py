@@ -58,7 +58,7 @@ def test_amp_auto_takes_the_faster_precision(tmp_path, monkeypatch, bf16_seconds
     fake_candidates(monkeypatch, clock, {"off": 0.1, "bf16": bf16_seconds}, {"fp32": 0.01, "bf16": 0.05}, calls)
     run = resolved(tmp_path, "--optimizer", "muon", clock=clock)
     assert run.cfg.amp == amp and run.cfg.muon_ns_dtype == "fp32"  # 2% faster is noise: fp32 stays
-    assert f"{64 / 0.1:.0f}" in run.precision["line"] and "timed here" in run.precision["line"]
+    assert f"{64 / 0.1:.0f}" in run.precision_line and "timed here" in run.precision_line
     assert calls.count(("amp", "off")) >= 1 + precision.MIN_CALLS and calls.count(("amp", "bf16")) >= 1 + precision.MIN_CALLS
 
 
@@ -74,7 +74,7 @@ def test_bf16_far_slower_on_a_probe_batch_never_runs_the_full_batch(tmp_path, mo
     fake_candidates(monkeypatch, clock, {"off": 0.1, "bf16": 1.0}, {"fp32": 0.01, "bf16": 0.01}, calls)
     run = resolved(tmp_path, clock=clock)
     assert run.cfg.amp == "off" and ("amp", "bf16") not in calls, "emulated bf16 is not timed at the run's batch"
-    assert calls.count(("probe", "bf16")) == 2 and f"bf16 {64 / 1.0:.0f} images/s" in run.precision["line"]
+    assert calls.count(("probe", "bf16")) == 2 and f"bf16 {64 / 1.0:.0f} images/s" in run.precision_line
     assert run.cfg.muon_ns_dtype == "auto", "no Muon in this run: its dtype is not timed"
 
 
@@ -82,7 +82,7 @@ def test_explicit_settings_win_and_time_nothing(tmp_path, monkeypatch):
     clock, calls = FakeClock(), []
     fake_candidates(monkeypatch, clock, {"off": 0.1, "bf16": 0.01}, {"fp32": 0.1, "bf16": 0.01}, calls)
     run = resolved(tmp_path, "--amp", "off", "--optimizer", "muon", "--muon-ns-dtype", "fp32", clock=clock)
-    assert (run.cfg.amp, run.cfg.muon_ns_dtype, calls, run.precision) == ("off", "fp32", [], None)
+    assert (run.cfg.amp, run.cfg.muon_ns_dtype, calls, run.precision_line) == ("off", "fp32", [], None)
     run = resolved(tmp_path, "--amp", "off", "--optimizer", "muon", clock=clock)  # only what is left on auto
     assert run.cfg.amp == "off" and run.cfg.muon_ns_dtype == "bf16" and {k for k, _ in calls} == {"ns"}
 

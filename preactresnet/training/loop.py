@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..budget import RunClock, TimeBudget, plan_budget, synchronize
-from ..config import ResolvedConfig, TrainConfig, parse_duration
+from ..config import ResolvedConfig, TrainConfig
 from ..data import num_classes_of
 from ..distributed import DistInfo, init_distributed, sum_over_ranks
 from ..evaluation import EpochEval, EvalResult, EvaluationStopped, evaluate_epoch
@@ -43,7 +43,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.dirs, self.dist, self.meta, self.step_parts, self.loaders.train)
         self.clock = RunClock()  # the seconds this run has spent training (a resume carries them on)
         self.budget: TimeBudget | None = None  # --time-budget's closed loop (calibrate_budget, or the resumed state)
-        self.precision_line = (resolved.precision or {}).get("line")  # why --amp/--muon-ns-dtype auto chose what it did
+        self.precision_line = resolved.precision_line  # why --amp/--muon-ns-dtype auto chose what it did
         self.log = RunLog(self.cfg, self.dirs, self.dist, self.out, self.data.classes)  # console, metrics.csv, TensorBoard
         self.stop, self.start_epoch, self.step = StopControl(self.dist), 0, 0
         self.epoch_so_far: StepStats | None = None  # the current epoch's steps before a mid-epoch resume
@@ -67,11 +67,11 @@ class Trainer:
         trainer was built in, with the first plan and a fresh optimizer, schedule, scaler and EMA."""
         loader, start = self.loaders.train, starting_point(self.net.model, self.loaders.train)
         self.net.model.train()
-        self.plan, calibration = plan_budget(self.cfg, self.dist, self._step, self.evaluate_epoch, loader,
-                                             self.loaders.steps_per_epoch, self.startup.device, self.out)
+        self.budget = plan_budget(self.cfg, self.dist, self._step, self.evaluate_epoch, loader, self.loaders.steps_per_epoch,
+                                  self.startup.device, self.clock, self.out)
+        self.plan = self.budget.plan  # the first plan; the budget re-plans it as the run goes
         start.restore(self.net.model, loader)
         self.step = 0
-        self.budget = TimeBudget(parse_duration(self.cfg.time_budget), calibration, self.plan, self.dist, self.clock)
         self.step_parts = build_step_parts(self.cfg, self.dist, self.startup, self.net, self.data.num_classes, self.plan)
         self.checkpointer = Checkpointer(self.dirs, self.dist, self.meta, self.step_parts, loader)
 

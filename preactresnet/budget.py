@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .compiling import Timing, choose
 from .config import TrainConfig, parse_duration
 from .distributed import DistInfo, all_reduce_max
 from .plan import RunPlan
@@ -141,9 +142,11 @@ class TimeBudget:
         self.window = (spent, step, paused + seconds)
         self.after_eval = seconds
 
-    def check(self, step: int, ended: int, eval_seconds: float | None = None) -> str | None:
+    def check(self, step: int, ended: int, eval_seconds: float | None = None, device: torch.device | None = None) -> str | None:
         """Measure the stretch since the last check; re-plan if the expected finish left BAND. `ended`: epoch ends
         done; `eval_seconds`: the evaluation just done (at an epoch end). Returns the line to print, if any."""
+        if device is not None:
+            synchronize(device)  # the clock must count the work queued so far
         spent, _, paused = self.window
         now = self.clock.spent()
         stepping = self.marks[-1][0] + now - spent - paused - (eval_seconds or 0.0)
@@ -200,10 +203,12 @@ class TimeBudget:
                 "replans": self.replans}
 
     @classmethod
-    def from_state(cls, state: dict | None, plan: RunPlan, dist: DistInfo, clock: RunClock) -> TimeBudget | None:
-        """A resumed run's budget as saved (None: the run had none)."""
-        if state is None:
+    def from_state(cls, saved: dict, plan: RunPlan, dist: DistInfo, clock: RunClock) -> TimeBudget | None:
+        """A resumed run's budget as its training state saved it (None: the run had none, or was saved before the
+        closed loop, and keeps the plan it saved)."""
+        if not (saved.get("plan") and saved.get("budget")):
             return None
+        state = saved["budget"]
         budget = cls(state["seconds"], Calibration(*state["calibration"]), plan, dist, clock)
         budget.speed, budget.after_eval, budget.replans = Calibration(*state["speed"]), state["after_eval"], state["replans"]
         return budget
@@ -216,7 +221,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def calibrate(step: Callable, evaluate: Callable, loader, steps_per_epoch: int, dist: DistInfo, device: torch.device,
-              seconds_wanted: float = MIN_TIMED_SECONDS) -> tuple[float, float]:
+              seconds_wanted: float = MIN_TIMED_SECONDS) -> Timing:
     """Seconds per step (after WARMUP_STEPS untimed ones, timed for `seconds_wanted`) and of one evaluation, on the
     run's own parts: `step(x, y)` one optimizer step, `evaluate()` one epoch's evaluation. Under torchrun every rank
     steps (DDP's collectives need them all) and the slowest rank's times count, so every rank takes the same steps."""
@@ -232,7 +237,7 @@ def calibrate(step: Callable, evaluate: Callable, loader, steps_per_epoch: int, 
         return done, all_reduce_max([time.perf_counter() - start], dist)[0]
 
     loader.set_epoch(0)
-    timed(WARMUP_STEPS)
+    warmup_steps, warmup_seconds = timed(WARMUP_STEPS)  # a compiled step compiles here
     steps, seconds = 0, 0.0
     while steps < MIN_TIMED_STEPS or seconds < seconds_wanted:
         done, spent = timed(5)
@@ -241,23 +246,28 @@ def calibrate(step: Callable, evaluate: Callable, loader, steps_per_epoch: int, 
     evaluate()
     synchronize(device)
     (eval_seconds,) = all_reduce_max([time.perf_counter() - start], dist)
-    return seconds / steps, eval_seconds
+    return Timing(seconds / steps, eval_seconds, warmup_seconds, warmup_steps)
 
 
-def plan_budget(cfg: TrainConfig, dist: DistInfo, step: Callable, evaluate: Callable, loader, steps_per_epoch: int,
-                device: torch.device, clock: RunClock, out=print) -> TimeBudget:
-    """Calibrate (every rank takes part; see `calibrate`) and return the budget with its first plan (the run then
-    starts over); `clock`: the run's, which the budget reads."""
-    budget = parse_duration(cfg.time_budget)
-    seconds_per_step, eval_seconds = calibrate(step, evaluate, loader, steps_per_epoch, dist, device, timed_seconds(budget))
-    cal = Calibration(seconds_per_step, eval_seconds, cfg.batch_size)
+def plan_budget(cfg: TrainConfig, dist: DistInfo, device: torch.device, timed: Callable[[bool, float], Timing],
+                steps_per_epoch: int, clock: RunClock, out=print) -> tuple[TimeBudget, bool]:
+    """Calibrate (every rank takes part): `timed(compiled, seconds)` times the eager or compiled step (`calibrate`),
+    as --compile chooses (compiling.choose). Returns the budget with its first plan (the run then starts over),
+    less any compilation paid, and whether the step is compiled."""
+    asked = parse_duration(cfg.time_budget)
+    choice = choose(cfg, dist, device, asked, lambda compiled: timed(compiled, timed_seconds(asked)))
+    budget = asked - choice.charged
+    cal = Calibration(choice.timing.seconds_per_step, choice.timing.eval_seconds, cfg.batch_size)
     plan = first_plan(budget, cfg, steps_per_epoch, cal)  # the same on every rank
+    if choice.line:
+        out(choice.line)
     if plan.total_steps < plan.steps_per_epoch:
         out(f"time budget {cfg.time_budget} is shorter than one epoch here: training {plan.total_steps} of its "
             f"{plan.steps_per_epoch} steps, then one evaluation")
+    paid = f" ({budget:.0f}s left after {choice.charged:.0f}s of compiling)" if choice.charged else ""
     out(
-        f"time budget {cfg.time_budget}: {cal.images_per_sec:.0f} images/s and {cal.eval_seconds:.1f}s per evaluation "
+        f"time budget {cfg.time_budget}{paid}: {cal.images_per_sec:.0f} images/s and {cal.eval_seconds:.1f}s per evaluation "
         f"measured, so {plan.total_steps} steps ({plan.total_steps / plan.steps_per_epoch:.2f} epochs) to start with; "
         f"the run re-plans from its own progress every {CHECK_SHARE:.1%} of its steps and at each epoch end"
     )
-    return TimeBudget(budget, cal, plan, dist, clock)
+    return TimeBudget(budget, cal, plan, dist, clock), choice.compiled

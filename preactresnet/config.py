@@ -51,6 +51,9 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
+SWITCHES = ("compile",)  # settings that were on/off switches and now also take auto: --x, --x auto|on|off, --no-x
+
+
 @dataclass
 class TrainConfig:
     model: str = setting("preactresnet18", MODEL, "network from the zoo: preactresnet18/34/50/101/152, resnext29_8x64d, ...")
@@ -102,7 +105,8 @@ class TrainConfig:
     device: str = setting("auto", SPEED, "auto | cpu | cuda | cuda:N")
     amp: str = setting("auto", SPEED, "mixed precision: auto (CPU: bf16 or fp32, whichever trains faster when timed here, cached; GPU: bf16 from sm80, else fp16) | bf16 | fp16 | off")
     channels_last: str = setting("auto", SPEED, "NHWC memory format: auto | on | off")
-    compile: bool = setting(False, SPEED, "torch.compile the model")
+    compile: str = setting("auto", SPEED, "torch.compile the step: on | off | auto (a --time-budget run compiles where "
+                           "the gain measured here repays the compilation; cached)")
     threads: int = setting(0, SPEED, "CPU threads for PyTorch (0: PyTorch's choice)")
     profile: str = setting("auto", SPEED, "optimize_system.py's measured settings: auto (if made here) | off | PATH")
     sync_debug: bool = setting(False, SPEED, "CUDA: warn at every host synchronization (torch.cuda.set_sync_debug_mode)")
@@ -162,6 +166,7 @@ class TrainConfig:
             (self.bn_lr_scale > 0, f"--bn-lr-scale must be > 0, got {self.bn_lr_scale}"),
             (self.muon_ns_dtype in ("auto", "bf16", "fp32"), f"--muon-ns-dtype must be auto, bf16 or fp32, got '{self.muon_ns_dtype}'"),
             (self.channels_last in ("auto", "on", "off"), f"--channels-last must be auto, on or off, got '{self.channels_last}'"),
+            (self.compile in ("auto", "on", "off"), f"--compile must be auto, on or off, got '{self.compile}'"),
             (self.dataset in ("cifar10", "cifar100"), f"unknown --dataset '{self.dataset}'; use cifar10 or cifar100"),
         ]
         if self.mixing and self.batch_size % 2:
@@ -204,6 +209,8 @@ def from_dict(values: dict, where: str = "config") -> TrainConfig:
         raise ValueError(f"{where}: unknown setting(s) {', '.join(unknown)}; see python train.py --help")
     cfg = TrainConfig()
     for key, value in values.items():
+        if key in SWITCHES and isinstance(value, bool):  # a config saved when the setting was a plain switch
+            value = "on" if value else "off"
         setattr(cfg, key, _coerce(value, types[key], f"{where}: {key}"))
     return cfg
 
@@ -248,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
         text = f"{f.metadata['help']} (default: {f.default!r})"
         if typ is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
+        elif f.name in SWITCHES:  # --compile (on), --compile auto|on|off, --no-compile (off)
+            group.add_argument(flag, nargs="?", const="on", metavar="auto|on|off", help=text)
+            group.add_argument("--no-" + flag[2:], dest=f.name, action="store_const", const="off", help=f"the same as {flag} off")
         else:
             group.add_argument(flag, type=typ, metavar=typ.__name__.upper(), help=text)
     return ap

@@ -73,7 +73,8 @@ def test_deterministic_wins_over_profile_compile(rows, tmp_path):
     profile["settings"]["compile"] = True
     path.write_text(json.dumps(profile))
     cfg, explicit = parse_args(["--data-dir", "sample", "--width-mult", "0.125", "--profile", str(path), "--deterministic"])
-    assert Trainer.from_config(cfg, explicit, out=lambda *a: None).cfg.compile is False
+    t = Trainer.from_config(cfg, explicit, out=lambda *a: None)
+    assert t.cfg.compile == "auto" and not t.net.compiled  # and auto stays eager under --deterministic
 
 
 def test_a_compile_timed_in_one_process_is_not_applied_under_torchrun(rows, tmp_path):
@@ -86,8 +87,8 @@ def test_a_compile_timed_in_one_process_is_not_applied_under_torchrun(rows, tmp_
     path.write_text(json.dumps(profile))
     cfg, explicit = parse_args(["--data-dir", "sample", "--width-mult", "0.125", "--batch-size", "8", "--profile", str(path)])
     warned = []
-    assert _with_profile(cfg, explicit, warned.append)[0].compile is True  # the world it was timed in
-    assert _with_profile(cfg, explicit, warned.append, 2)[0].compile is False
+    assert _with_profile(cfg, explicit, warned.append)[0].compile == "on"  # the world it was timed in
+    assert _with_profile(cfg, explicit, warned.append, 2)[0].compile == "auto"  # auto: eager under torchrun
     assert "1 process(es), this run has 2" in warned[-1]
 
 

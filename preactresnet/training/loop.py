@@ -9,7 +9,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from ..budget import RunClock, TimeBudget, plan_budget, synchronize
+from ..budget import RunClock, TimeBudget, Timing, calibrate, plan_budget, synchronize
 from ..config import ResolvedConfig, TrainConfig
 from ..data import num_classes_of
 from ..distributed import DistInfo, init_distributed, sum_over_ranks
@@ -63,17 +63,24 @@ class Trainer:
         return trainer
 
     def calibrate_budget(self) -> None:
-        """--time-budget: time real steps and an evaluation (budget.plan_budget), then start over from the state the
-        trainer was built in, with the first plan and a fresh optimizer, schedule, scaler and EMA."""
-        loader, start = self.loaders.train, starting_point(self.net.model, self.loaders.train)
-        self.net.model.train()
-        self.budget = plan_budget(self.cfg, self.dist, self._step, self.evaluate_epoch, loader, self.loaders.steps_per_epoch,
-                                  self.startup.device, self.clock, self.out)
-        self.plan = self.budget.plan  # the first plan; the budget re-plans it as the run goes
-        start.restore(self.net.model, loader)
-        self.step = 0
+        """--time-budget: time real steps and an evaluation, eager or compiled as --compile chooses (budget.plan_budget),
+        then start over from the state the trainer was built in, with the first plan and fresh optimization parts."""
+        start, eager = starting_point(self.net.model, self.loaders.train), self.net
+        self.budget, compiled = plan_budget(self.cfg, self.dist, self.startup.device, self._timed, self.loaders.steps_per_epoch,
+                                            self.clock, self.out)
+        self.net, self.plan, self.step = self.net if compiled else eager, self.budget.plan, 0  # the budget re-plans the plan
+        start.restore(self.net.model, self.loaders.train)
         self.step_parts = build_step_parts(self.cfg, self.dist, self.startup, self.net, self.data.num_classes, self.plan)
-        self.checkpointer = Checkpointer(self.dirs, self.dist, self.meta, self.step_parts, loader)
+        self.checkpointer = Checkpointer(self.dirs, self.dist, self.meta, self.step_parts, self.loaders.train)
+
+    def _timed(self, compiled: bool, seconds: float) -> Timing:
+        """The calibration of the eager or compiled step (budget.calibrate); the run starts over after it."""
+        if compiled and not self.net.compiled:
+            self.net = self.net.compile()
+            self.step_parts = build_step_parts(self.cfg, self.dist, self.startup, self.net, self.data.num_classes, self.plan)
+        self.net.model.train()
+        return calibrate(self._step, self.evaluate_epoch, self.loaders.train, self.loaders.steps_per_epoch, self.dist,
+                         self.startup.device, seconds)
 
     def fit(self) -> dict:
         for line in startup_lines(self.cfg, self.data.summary(), self.startup, self.loaders.steps_per_epoch, self.plan,
@@ -152,10 +159,7 @@ class Trainer:
                 self._check_budget(epoch, bar=bar)
             if self.step >= self.plan.total_steps:
                 break
-        return self._steps_done(loss_sum, count, start, epoch, bar)
-
-    def _steps_done(self, loss_sum: torch.Tensor, count: int, start: float, epoch: int, bar) -> StepStats:
-        """The stretch's mean loss and stop flags over all ranks in one all-reduce (read once), its seconds."""
+        # the stretch's mean loss and stop flags over all ranks in one all-reduce (read once), its seconds
         device = self.startup.device
         loss_total, steps_total, stop = sum_over_ranks(self.net.all_reduce, loss_sum, torch.full((), float(count), device=device),
                                                        self.stop.flag(device))
@@ -172,8 +176,7 @@ class Trainer:
         return loss
 
     def _log_window(self, mean: torch.Tensor, epoch: int, bar) -> bool:
-        """Log the mean loss since the last log; returns whether to stop now. Under torchrun the loss and the stop
-        flag travel in one all-reduce: every rank sees the same loss and decision, none waits for one that left."""
+        """Log the mean loss since the last log; whether to stop now (one all-reduce: every rank decides alike)."""
         total, stop = sum_over_ranks(self.net.all_reduce, mean, self.stop.flag(self.startup.device))  # the interval's one sync
         check_finite(total / self.dist.world_size, epoch, self.step, self.dirs.checkpoints)
         lr, planned = self.step_parts.optimizer.param_groups[0]["lr"], f"{self.plan.total_steps} (epoch {epoch + 1})"
@@ -200,17 +203,14 @@ class Trainer:
         self.start_epoch, self.step, self.epoch_so_far, self.clock = r.start_epoch, r.step, r.epoch_so_far, RunClock(r.spent_seconds)
         self.log.history = r.history
         self.step_parts.scheduler.step_update(num_updates=self.step)  # the rate is a pure function of the step: no saved state
-        # a state saved before the closed loop has no budget: its run keeps the plan it saved
-        self.budget = TimeBudget.from_state(state.get("budget") if state.get("plan") else None, self.plan, self.dist, self.clock)
+        self.budget = TimeBudget.from_state(state, self.plan, self.dist, self.clock)
         self.out(resumed_line(state, run_dir, r, self.loaders.train.batch, same_device))
 
     def _check_budget(self, ended: int, eval_seconds: float | None = None, bar=None) -> None:
         """--time-budget: re-plan from the progress since the last check (`ended`: epochs ended so far)."""
-        if self.budget is None:
+        if self.budget is None or not (line := self.budget.check(self.step, ended, eval_seconds, self.startup.device)):
             return
-        synchronize(self.startup.device)  # the clock must count the work queued so far
-        if line := self.budget.check(self.step, ended, eval_seconds):
-            self.out(line)
+        self.out(line)
         if bar is not None:  # the epoch's bar counts to the plan's end, as re-planned
             bar.total = bar.n + min(self.loaders.steps_per_epoch * (ended + 1), self.plan.total_steps) - self.step
 

@@ -6,6 +6,7 @@ the process (`Startup`: seeds, threads, device, precision, memory format, learni
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -119,6 +120,11 @@ class Network:
     train_module: nn.Module  # what a step calls: the model, wrapped for DDP and torch.compile
     all_reduce: Callable | None  # how counts are summed over ranks (None alone)
     model_args: dict  # create_model's arguments, saved with the weights
+    compiled: bool = False  # train_module is torch.compile's
+
+    def compile(self) -> Network:
+        """The same network with its step compiled (torch.compile, inductor)."""
+        return dataclasses.replace(self, train_module=torch.compile(self.train_module), compiled=True)
 
 
 def build_network(cfg: TrainConfig, dist: DistInfo, startup: Startup, data: Dataset, fresh: bool, out) -> Network:
@@ -143,9 +149,8 @@ def build_network(cfg: TrainConfig, dist: DistInfo, startup: Startup, data: Data
         train_module = nn.parallel.DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
         seed_everything(cfg.seed + dist.rank)  # different dropout masks on each rank
         all_reduce = all_reduce_sum
-    if cfg.compile:
-        train_module = torch.compile(train_module)
-    return Network(model, train_module, all_reduce, model_args)
+    net = Network(model, train_module, all_reduce, model_args)
+    return net.compile() if cfg.compile == "on" else net  # "auto": a --time-budget run's calibration chooses
 
 
 def build_step_parts(cfg: TrainConfig, dist: DistInfo, startup: Startup, net: Network, num_classes: int,
@@ -184,6 +189,9 @@ def startup_lines(cfg: TrainConfig, data_summary: str, startup: Startup, steps_p
     lines += [precision_line] if precision_line else []
     refused = fused_refusal(cfg.optimizer, device) if device.type == "cuda" and cfg.optimizer in FUSED_KERNELS else None
     lines += [f"torch {torch.__version__} refuses fused {cfg.optimizer} on {device} ({refused}): its foreach kernels instead"] if refused else []
+    if cfg.compile == "auto" and not budgeted:
+        lines.append("--compile auto: eager (only a --time-budget run knows its length to weigh a compilation against; "
+                     "--compile on compiles)")
     lines.append(f"best checkpoint chosen on the {'validation split' if validated else 'TEST set (no --val-size given)'}")
     if dist.enabled:
         lines.append(f"distributed: {dist.world_size} processes, global batch {cfg.batch_size * dist.world_size}, "

@@ -83,7 +83,7 @@ def _with_profile(cfg: TrainConfig, explicit: dict, warn, world_size: int = 1) -
     if cfg.deterministic:
         applied.pop("compile", None)  # --deterministic always wins over the profile
     timed_world = profile.get("world_size", 1)
-    if applied.get("compile") and world_size != timed_world:  # DDP's hooks and all-reduce were not in the timing
+    if applied.get("compile") in (True, "on") and world_size != timed_world:  # DDP's hooks and all-reduce were not in the timing
         applied.pop("compile")
         warn(f"warning: system profile {profile['path']} chose --compile timing {timed_world} process(es), this run has "
              f"{world_size}: not applied (pass --compile to use it)")

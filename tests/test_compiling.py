@@ -1,0 +1,112 @@
+"""--compile auto: compiled only where the measured gain repays the compilation within the budget, cached, and
+charged to the budget; on a clock the test controls (steps, evaluations and the compilation take virtual seconds)."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+
+import pytest
+import torch
+from test_training import run_args
+from virtual_clock import install
+
+from preactresnet import precision
+from preactresnet.compiling import Timing, choose, worth_compiling
+from preactresnet.config import TrainConfig, parse_args
+from preactresnet.distributed import DistInfo
+from preactresnet.training import Trainer
+from preactresnet.training.parts import Network
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Each test starts without cached figures (the session's precision cache is shared by the tests of a worker)."""
+    monkeypatch.setenv(precision.CACHE_ENV, str(tmp_path / "cache" / "precision.json"))
+
+
+EAGER, COMPILED, COMPILING = Timing(0.10, 1.0, 0.3, 3), Timing(0.08, 1.0, 40.24, 3), 40.0  # 1.25x after 40 s
+
+
+def _choose(budget, compile="auto", dist=DistInfo(), **cfg):
+    calls = []
+
+    def timed(compiled):
+        calls.append(compiled)
+        return COMPILED if compiled else EAGER
+
+    return choose(TrainConfig(compile=compile, time_budget=f"{budget}s", **cfg), dist, torch.device("cpu"), budget, timed), calls
+
+
+def test_the_compilation_must_be_repaid_within_the_budget():
+    assert COMPILED.compile_seconds == pytest.approx(COMPILING) and EAGER.compile_seconds == 0.0
+    assert not worth_compiling(70, 0.10, 0.08, COMPILING)  # 30 s of steps left at 1.25x: fewer than 70 s eager
+    assert not worth_compiling(200, 0.10, 0.08, COMPILING)  # 2,000 eager steps against 2,000 compiled: no 3% gain
+    assert worth_compiling(900, 0.10, 0.08, COMPILING)  # 9,000 against 10,750
+    assert not worth_compiling(900, 0.10, 0.099, COMPILING)  # a 1% faster step never repays 40 s
+
+
+def test_a_short_budget_without_figures_stays_eager_and_times_nothing_compiled():
+    choice, calls = _choose(70)
+    assert (choice.compiled, choice.charged, calls) == (False, 0.0, [False])
+    assert "under 10 min" in choice.line
+
+
+def test_a_long_budget_measures_both_caches_them_and_the_next_run_reads_them():
+    choice, calls = _choose(900)
+    assert (choice.compiled, calls, choice.timing) == (True, [False, True], COMPILED)
+    assert choice.charged == pytest.approx(COMPILING) and "timed here" in choice.line and "compiled" in choice.line
+    again, calls = _choose(1800)  # cached: only the chosen step is calibrated
+    assert (again.compiled, calls) == (True, [True]) and "cached in" in again.line
+    short, calls = _choose(120)  # the same figures: 120 s cannot repay 40 s
+    assert (short.compiled, short.charged, calls) == (False, 0.0, [False]) and "not worth" in short.line
+
+
+def test_on_off_and_the_cases_auto_leaves_alone():
+    on, calls = _choose(70, compile="on")
+    assert (on.compiled, on.charged, on.line, calls) == (True, pytest.approx(COMPILING), None, [True])
+    off, calls = _choose(3600, compile="off")
+    assert (off.compiled, off.charged, off.line, calls) == (False, 0.0, None, [False])
+    ddp, _ = _choose(3600, dist=DistInfo(rank=0, world_size=2))
+    assert not ddp.compiled and "one process" in ddp.line
+    fixed, _ = _choose(3600, deterministic=True)
+    assert not fixed.compiled and "--deterministic" in fixed.line
+
+
+def test_the_flag_takes_a_value_and_old_configs_their_booleans():
+    assert [parse_args(a)[0].compile for a in ([], ["--compile"], ["--no-compile"], ["--compile", "off"])] == ["auto", "on", "off", "off"]
+    from preactresnet.config import from_dict
+
+    assert (from_dict({"compile": True}).compile, from_dict({"compile": False}).compile) == ("on", "off")
+    with pytest.raises(ValueError, match="--compile must be auto, on or off"):
+        TrainConfig(compile="sometimes").validated()
+
+
+@pytest.mark.slow(6)
+def test_a_budget_run_compiles_when_it_pays_and_pays_the_compilation_from_its_budget(tmp_path, monkeypatch):
+    """Virtual time: an eager step 5 s, a compiled one 2.5 s, the first compiled step 40 s more (compiling);
+    torch.compile itself replaced by a marker (the real one has its own tests), so the test times nothing real."""
+    compiled_once = []
+
+    def fake_compile(net):
+        return dataclasses.replace(net, compiled=True)
+
+    def step_seconds(t):
+        if not t.net.compiled:
+            return 5.0
+        first = not compiled_once
+        compiled_once.append(1)
+        return 2.5 + (COMPILING if first else 0.0)
+
+    monkeypatch.setattr(Network, "compile", fake_compile)
+    install(monkeypatch, step_seconds, eval_seconds=1.0)
+    lines = []
+    cfg, explicit = parse_args(run_args(tmp_path, "--max-steps-per-epoch", "100", "--time-budget", "10m", "--run-name", "auto"))
+    t = Trainer.from_config(cfg, explicit, out=lines.append)
+    assert t.net.compiled and t.step_parts.train_module is t.net.train_module
+    assert any(line.startswith("--compile auto: compiled") for line in lines), lines
+    assert t.budget.seconds == pytest.approx(600 - COMPILING, abs=1.0), "the compilation is paid from the budget"
+    t.fit()
+    rows = list(csv.DictReader(open(tmp_path / "runs" / "auto" / "metrics.csv")))
+    spent = float(rows[-1]["elapsed_seconds"])
+    assert 0.95 * (600 - COMPILING) <= spent <= 600 - COMPILING + 5, spent
+    assert t.step > 0.9 * (600 - COMPILING - 3) / 2.5, "planned at the compiled speed"

@@ -106,8 +106,10 @@ class TimeBudget:
     one measured (evaluation, log line, checkpoint); under torchrun the slowest rank's figures, at the same step
     on every rank, so all ranks follow one plan."""
 
-    def __init__(self, seconds: float, calibration: Calibration, plan: RunPlan, dist: DistInfo, clock: RunClock):
+    def __init__(self, seconds: float, calibration: Calibration, plan: RunPlan, dist: DistInfo, clock: RunClock,
+                 compiled: bool = False):
         self.seconds, self.calibration, self.plan, self.dist, self.clock = seconds, calibration, plan, dist, clock
+        self.compiled = compiled  # --compile auto chose the compiled step (a resume compiles it again)
         self.speed = calibration  # what the plan rests on now
         self.after_eval = 0.0  # the log and checkpoint after an evaluation, as last measured
         self.replans = 0
@@ -200,7 +202,7 @@ class TimeBudget:
         c, s = self.calibration, self.speed
         return {"seconds": self.seconds, "calibration": [c.seconds_per_step, c.eval_seconds, c.batch_size],
                 "speed": [s.seconds_per_step, s.eval_seconds, s.batch_size], "after_eval": self.after_eval,
-                "replans": self.replans}
+                "replans": self.replans, "compiled": self.compiled}
 
     @classmethod
     def from_state(cls, saved: dict, plan: RunPlan, dist: DistInfo, clock: RunClock) -> TimeBudget | None:
@@ -209,7 +211,7 @@ class TimeBudget:
         if not (saved.get("plan") and saved.get("budget")):
             return None
         state = saved["budget"]
-        budget = cls(state["seconds"], Calibration(*state["calibration"]), plan, dist, clock)
+        budget = cls(state["seconds"], Calibration(*state["calibration"]), plan, dist, clock, state.get("compiled", False))
         budget.speed, budget.after_eval, budget.replans = Calibration(*state["speed"]), state["after_eval"], state["replans"]
         return budget
 
@@ -270,4 +272,4 @@ def plan_budget(cfg: TrainConfig, dist: DistInfo, device: torch.device, timed: C
         f"measured, so {plan.total_steps} steps ({plan.total_steps / plan.steps_per_epoch:.2f} epochs) to start with; "
         f"the run re-plans from its own progress every {CHECK_SHARE:.1%} of its steps and at each epoch end"
     )
-    return TimeBudget(budget, cal, plan, dist, clock), choice.compiled
+    return TimeBudget(budget, cal, plan, dist, clock, choice.compiled), choice.compiled

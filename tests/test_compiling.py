@@ -17,6 +17,7 @@ from preactresnet.config import TrainConfig, parse_args
 from preactresnet.distributed import DistInfo
 from preactresnet.training import Trainer
 from preactresnet.training.parts import Network
+from preactresnet.training.resolve import resolve_config
 
 @pytest.fixture(autouse=True)
 def own_cache(tmp_path, monkeypatch):
@@ -110,3 +111,5 @@ def test_a_budget_run_compiles_when_it_pays_and_pays_the_compilation_from_its_bu
     spent = float(rows[-1]["elapsed_seconds"])
     assert 0.95 * (600 - COMPILING) <= spent <= 600 - COMPILING + 5, spent
     assert t.step > 0.9 * (600 - COMPILING - 3) / 2.5, "planned at the compiled speed"
+    cfg, explicit = parse_args(run_args(tmp_path, "--resume", str(tmp_path / "ck" / "auto")))
+    assert resolve_config(cfg, explicit, DistInfo()).cfg.compile == "on", "a resume compiles the step its plan was made for"

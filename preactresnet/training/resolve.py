@@ -23,6 +23,8 @@ def resolve_config(cfg: TrainConfig, explicit: dict, dist: DistInfo, warn=print)
         cfg, state, run_dir = _resumed_config(cfg, explicit)
         _check_resumable(cfg, state, run_dir, dist)
     cfg = cfg.validated()
+    if state is not None and cfg.compile == "auto" and (state.get("budget") or {}).get("compiled"):
+        cfg = dataclasses.replace(cfg, compile="on")  # the step its budget was planned for, compiled again
     if state is None:  # a resumed run keeps the settings it was saved with
         cfg, profile = _with_profile(cfg, explicit, warn, dist.world_size)
     if not cfg.run_name:

@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from . import precision
 from .config import TrainConfig
@@ -25,7 +24,8 @@ from .fileio import first_line
 from .models import check_model_name, create_model
 from .optim import build_optimizer
 from .profile import write_profile
-from .system import autocast, cpu_flags, cpu_has_bf16, cpu_name, cuda_has_bf16, resolve_device, tune_malloc
+from .step import timing_parts, train_step
+from .system import cpu_flags, cpu_has_bf16, cpu_name, cuda_has_bf16, resolve_device, tune_malloc
 
 
 def gpu_report(device: torch.device | None) -> list[dict]:
@@ -142,20 +142,14 @@ def time_setting(model_name: str, width_mult: float, batch: int, device: torch.d
         model = create_model(model_name, width_mult=width_mult).to(device, memory_format=fmt)
         step_model = torch.compile(model) if c["compile"] else model
         opt = build_optimizer(optimizer or TrainConfig(optimizer="sgd", lr=0.01), model)
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        parts = timing_parts(model, step_model, opt, device, dtype)
         images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=device)
         augment = BatchAugment(AugmentConfig(), (0.49, 0.48, 0.45), (0.25, 0.24, 0.26), dtype or torch.float32, fmt == torch.channels_last)
         g = torch.Generator(device=device).manual_seed(0)
         y = torch.randint(0, 10, (batch,), device=device)
 
-        def step(i: int):
-            x = augment(images, g, seed=i)
-            with autocast(device, dtype):
-                loss = F.cross_entropy(step_model(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+        def step(i: int):  # the training loop's own step (step.train_step)
+            train_step(parts, augment(images, g, seed=i), y, i + 1)
 
         for i in range(warmup):
             step(i)

@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .config import ResolvedConfig, TrainConfig
 from .distributed import DistInfo, broadcast_object
 from .fileio import atomic_write
 from .models import create_model
 from .optim import build_optimizer
+from .step import timing_parts, train_step
 from .system import PRECISION_NAMES, cpu_name, cuda_has_bf16, resolve_amp, resolve_device
 
 CACHE_PATH = Path(".preactresnet") / "precision.json"
@@ -65,13 +65,9 @@ def amp_candidates(cfg: TrainConfig, num_classes: int, channels_last: bool, batc
     x = torch.randn(batch, 3, 32, 32).to(memory_format=fmt)
     y = torch.randint(0, num_classes, (batch,))
 
-    def step(dtype):
-        def call():
-            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-                logits = model(x.to(dtype or torch.float32))
-            F.cross_entropy(logits.float(), y).backward()
-            model.zero_grad(set_to_none=True)
-        return call
+    def step(dtype):  # the training loop's own step (step.train_step); SGD at lr 0 leaves the weights as they are
+        parts = timing_parts(model, model, torch.optim.SGD(model.parameters(), lr=0.0), torch.device("cpu"), dtype, num_classes)
+        return lambda: train_step(parts, x.to(dtype or torch.float32), y, 1)
 
     return {"off": step(None), "bf16": step(torch.bfloat16)}, batch
 

@@ -150,3 +150,22 @@ def test_timed_steps_use_the_runs_optimizer(tmp_path, capsys, monkeypatch):
     ns = json.loads((tmp_path / "p.json").read_text())["settings"]["muon_ns_dtype"]
     # (the precision timing before them steps Muon in both dtypes; the candidates' steps come last: 1 + 2 each)
     assert stepped[-3:] == [optim.NS_DTYPES[ns]] * 3 and ", muon, on cpu" in capsys.readouterr().out
+
+
+def test_optimize_and_the_precision_choice_time_the_loops_own_step(monkeypatch):
+    """One training step function (step.train_step): the loop, optimize_system.py's timing and the precision choice."""
+    import torch
+
+    from preactresnet import optimize, precision, step
+    from preactresnet.config import TrainConfig
+    from preactresnet.training import loop
+
+    assert loop.train_step is optimize.train_step is precision.train_step is step.train_step
+    calls = []
+    for module in (optimize, precision):
+        monkeypatch.setattr(module, "train_step", lambda parts, x, y, n, _real=step.train_step: calls.append(n) or _real(parts, x, y, n))
+    optimize.time_setting("preactresnet18", 0.125, 4, torch.device("cpu"), {"amp": "fp32", "channels_last": "on", "compile": False},
+                          warmup=1, steps=2)
+    candidates, _ = precision.amp_candidates(TrainConfig(width_mult=0.125, batch_size=4), 10, True)
+    candidates["off"]()
+    assert calls == [1, 2, 3, 1]

@@ -21,7 +21,7 @@ from .parts import build_data, build_network, build_step_parts, setup_process, s
 from .resolve import resolve_config
 from .runlog import RunDirs, RunLog, StepStats, _silent
 from .state import Checkpointer, Resumed, resumed_line, run_record, starting_point
-from .step import train_step
+from ..step import train_step
 from .stopping import StopControl, Stopped, check_finite, stop_message
 
 

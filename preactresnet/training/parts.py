@@ -27,7 +27,7 @@ from ..system import (
     apply_process_settings, machine_description, process_age, resolve_amp, resolve_device, seed_everything, set_deterministic, tune_malloc,
 )
 from ..whitening import whiten_stem_
-from .step import StepParts
+from ..step import StepParts
 
 
 def check_total_steps(total: int, epochs: int, steps_per_epoch: int) -> None:

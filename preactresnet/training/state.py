@@ -14,7 +14,7 @@ from ..distributed import DistInfo, gather_objects
 from ..system import PRECISION_NAMES, rng_state, set_rng_state
 from ..evaluation import EpochEval
 from .runlog import RunDirs, StepStats
-from .step import StepParts
+from ..step import StepParts
 
 
 class Checkpointer:

@@ -1,4 +1,5 @@
-"""One optimizer step: the parts it uses, and the step itself (forward, loss, backward, optimizer, schedule, EMA)."""
+"""One optimizer step: the parts it uses, and the step itself (forward, loss, backward, optimizer, schedule, EMA).
+The training loop, optimize_system.py's timing and the precision choice all step through `train_step`."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from timm.data.mixup import mixup_target
+from timm.loss import SoftTargetCrossEntropy
 
-from ..system import autocast
+from .system import autocast
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,23 @@ class StepParts:
     amp_dtype: torch.dtype | None
     grad_clip: float
     zero_to_none: bool  # False under DDP: its gradients are views into the all-reduce buckets, zeroed in place
+
+
+class _NoMixing:  # what train_step asks of timm's Mixup: whether this batch is mixed
+    mixup_enabled = False
+
+
+class _ConstantRate:  # what train_step asks of the schedule: nothing to change
+    def step_update(self, num_updates: int, metric=None) -> None:
+        pass
+
+
+def timing_parts(model: nn.Module, train_module: nn.Module, optimizer, device: torch.device, amp_dtype: torch.dtype | None,
+                 num_classes: int = 10) -> StepParts:
+    """A step's parts for timing it (optimize_system.py, the precision choice): no mixing, no schedule, no EMA."""
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    return StepParts(model, train_module, optimizer, scaler, _ConstantRate(), None, _NoMixing(), SoftTargetCrossEntropy(),
+                     num_classes, 0.0, device, amp_dtype, 0.0, True)
 
 
 def train_step(p: StepParts, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:

@@ -51,7 +51,9 @@ def draw(series: dict[str, list[dict]], out: Path) -> Path:
                         capsize=3, label=cpu if p is points[0] else None)
             name = "demo, sample test set" if p["sample"] else p["point"].replace("_", " ")
             ax.annotate(f"{name}: {p['acc']:.1f}% ({p['seeds']} seeds)", (p["minutes"], p["acc"]),
-                        textcoords="offset points", xytext=(8, 4 - 11 * k), fontsize=7.5, color=color)
+                        textcoords="offset points", xytext=(8, 4 + 4 * k if k % 2 else 4 - 11 * k),  # odd series above
+                        fontsize=7.5, color=color)
+    ax.set_ylim(top=max(p["high"] for points in series.values() for p in points) + 3)  # room for the labels above
     ax.set_xscale("log")
     ax.set_xlim(0.8, 80)
     ticks = [1, 2, 5, 15, 30, 60]

@@ -252,10 +252,10 @@ def calibrate(step: Callable, evaluate: Callable, loader, steps_per_epoch: int, 
 
 
 def plan_budget(cfg: TrainConfig, dist: DistInfo, device: torch.device, timed: Callable[[bool, float], Timing],
-                steps_per_epoch: int, clock: RunClock, out=print) -> tuple[TimeBudget, bool]:
+                steps_per_epoch: int, clock: RunClock, out=print) -> TimeBudget:
     """Calibrate (every rank takes part): `timed(compiled, seconds)` times the eager or compiled step (`calibrate`),
     as --compile chooses (compiling.choose). Returns the budget with its first plan (the run then starts over),
-    less any compilation paid, and whether the step is compiled."""
+    less any compilation paid; its `compiled` says whether the step is compiled."""
     asked = parse_duration(cfg.time_budget)
     choice = choose(cfg, dist, device, asked, lambda compiled: timed(compiled, timed_seconds(asked)))
     budget = asked - choice.charged
@@ -272,4 +272,4 @@ def plan_budget(cfg: TrainConfig, dist: DistInfo, device: torch.device, timed: C
         f"measured, so {plan.total_steps} steps ({plan.total_steps / plan.steps_per_epoch:.2f} epochs) to start with; "
         f"the run re-plans from its own progress every {CHECK_SHARE:.1%} of its steps and at each epoch end"
     )
-    return TimeBudget(budget, cal, plan, dist, clock, choice.compiled), choice.compiled
+    return TimeBudget(budget, cal, plan, dist, clock, choice.compiled)

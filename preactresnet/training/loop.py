@@ -66,9 +66,9 @@ class Trainer:
         """--time-budget: time real steps and an evaluation, eager or compiled as --compile chooses (budget.plan_budget),
         then start over from the state the trainer was built in, with the first plan and fresh optimization parts."""
         start, eager = starting_point(self.net.model, self.loaders.train), self.net
-        self.budget, compiled = plan_budget(self.cfg, self.dist, self.startup.device, self._timed, self.loaders.steps_per_epoch,
-                                            self.clock, self.out)
-        self.net, self.plan, self.step = self.net if compiled else eager, self.budget.plan, 0  # the budget re-plans the plan
+        self.budget = plan_budget(self.cfg, self.dist, self.startup.device, self._timed, self.loaders.steps_per_epoch,
+                                  self.clock, self.out)
+        self.net, self.plan, self.step = self.net if self.budget.compiled else eager, self.budget.plan, 0  # re-planned as it goes
         start.restore(self.net.model, self.loaders.train)
         self.step_parts = build_step_parts(self.cfg, self.dist, self.startup, self.net, self.data.num_classes, self.plan)
         self.checkpointer = Checkpointer(self.dirs, self.dist, self.meta, self.step_parts, self.loaders.train)

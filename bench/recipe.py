@@ -86,6 +86,8 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "mix": ("MixUp/CutMix on half the batches", ["--mix-prob", "0.5"]),
     "width0.375": ("width x0.375", ["--width-mult", "0.375"]),
     "width0.5": ("width x0.5", ["--width-mult", "0.5"]),
+    "width0.75": ("width x0.75", ["--width-mult", "0.75"]),
+    "width1.0": ("width x1.0 (the paper's PreActResNet18)", ["--width-mult", "1.0"]),
 }
 
 

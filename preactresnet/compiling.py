@@ -10,7 +10,6 @@ with the compilation it paid, so it still ends on time.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -19,7 +18,7 @@ import torch
 
 from .config import TrainConfig
 from .distributed import DistInfo
-from .precision import cache_path, read_cache, write_cache
+from .precision import cache_path, machine_key, read_cache, write_cache
 from .system import cpu_name
 
 MARGIN = 1.03  # compiled must give 3% more steps in the budget: below that the noise between two runs is larger
@@ -51,9 +50,8 @@ class Choice:
 def cache_key(cfg: TrainConfig, device: torch.device) -> str:
     """Everything the figures depend on: machine, threads, PyTorch and kernels, model, batch, precision, optimizer."""
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    kernels = f"{torch.backends.cpu.get_cpu_capability()}/onednn={os.environ.get('ONEDNN_MAX_CPU_ISA', 'default')}"
     shape = f"{cfg.model} x{cfg.width_mult:g} batch={cfg.batch_size} amp={cfg.amp} {cfg.optimizer} channels_last={cfg.channels_last}"
-    return f"compile | {machine} | threads={torch.get_num_threads()} | torch {torch.__version__.split('+')[0]} {kernels} | {shape}"
+    return f"compile | {machine_key(machine)} | {shape}"
 
 
 def worth_compiling(budget: float, eager: float, compiled: float, compile_seconds: float) -> bool:

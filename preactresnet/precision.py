@@ -108,12 +108,17 @@ def ns_candidates(cfg: TrainConfig, num_classes: int) -> dict:
     return {"fp32": step("fp32"), "bf16": step("bf16")}
 
 
+def machine_key(machine: str) -> str:
+    """The part of a timing's cache key every timing shares: machine, threads, PyTorch and its kernel set."""
+    kernels = f"{torch.backends.cpu.get_cpu_capability()}/onednn={os.environ.get('ONEDNN_MAX_CPU_ISA', 'default')}"
+    return f"{machine} | threads={torch.get_num_threads()} | torch {torch.__version__.split('+')[0]} {kernels}"
+
+
 def cache_key(cfg: TrainConfig, num_classes: int, channels_last: bool) -> str:
     """Everything the figures depend on: machine, threads, PyTorch and its kernel set, model shape."""
-    kernels = f"{torch.backends.cpu.get_cpu_capability()}/onednn={os.environ.get('ONEDNN_MAX_CPU_ISA', 'default')}"
     shape = f"{cfg.model} x{cfg.width_mult:g} classes={num_classes} batch={min(cfg.batch_size, MAX_TIMED_BATCH)}"
     layout = "channels_last" if channels_last else "NCHW"
-    return f"{cpu_name()} | threads={torch.get_num_threads()} | torch {torch.__version__.split('+')[0]} {kernels} | {shape} {layout}"
+    return f"{machine_key(cpu_name())} | {shape} {layout}"
 
 
 def cache_path() -> Path:

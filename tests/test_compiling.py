@@ -12,7 +12,7 @@ from test_training import run_args
 from virtual_clock import install
 
 from preactresnet import precision
-from preactresnet.compiling import Timing, choose, worth_compiling
+from preactresnet.compiling import Timing, cache_key, choose, worth_compiling
 from preactresnet.config import TrainConfig, parse_args
 from preactresnet.distributed import DistInfo
 from preactresnet.training import Trainer
@@ -60,6 +60,16 @@ def test_a_long_budget_measures_both_caches_them_and_the_next_run_reads_them():
     assert (again.compiled, calls) == (True, [True]) and "cached in" in again.line
     short, calls = _choose(120)  # the same figures: 120 s cannot repay 40 s
     assert (short.compiled, short.charged, calls) == (False, 0.0, [False]) and "not worth" in short.line
+
+
+def test_both_timings_key_their_cache_by_the_same_machine_and_kernels(monkeypatch):
+    cfg, cpu = TrainConfig(), torch.device("cpu")
+    shared = precision.machine_key(precision.cpu_name())
+    assert cache_key(cfg, cpu).startswith(f"compile | {shared} | ")
+    assert precision.cache_key(cfg, 10, True).startswith(f"{shared} | ")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # another kernel set: neither timing may be reused
+    assert not cache_key(cfg, cpu).startswith(f"compile | {shared} | ")
+    assert not precision.cache_key(cfg, 10, True).startswith(f"{shared} | ")
 
 
 def test_on_off_and_the_cases_auto_leaves_alone():

@@ -77,7 +77,7 @@ def trainer_path(cfg: TrainConfig, steps: int, warmup: int) -> tuple[float, str]
     t.loaders.train.set_epoch(1)  # the epoch's order is drawn and moved to the device here, untimed
     stats = t.train_steps(steps)
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(t.startup.amp_dtype) or fp32_label(t.startup.device)
-    how = f"{precision}, channels_last={t.startup.channels_last}, device={t.startup.device}"
+    how = f"{precision}, channels_last={t.startup.channels_last}, device={t.startup.device}, compiled={t.net.compiled}"
     return stats.images / stats.seconds, how
 
 
@@ -92,12 +92,14 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--amp", default="auto", help="the trainer's precision: auto, bf16 or off")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--compile", default="off", choices=["off", "on"],
+                    help="the trainer's step: eager, or torch.compile'd (compiled during the warm-up, untimed)")
     args = ap.parse_args()
 
     cfg = TrainConfig(
         model=args.model, width_mult=args.width_mult, data_dir=args.data_dir, batch_size=args.batch_size,
         epochs=1, progress=False, run_name="bench", checkpoint_dir="/tmp/preactresnet-bench", amp=args.amp,
-        device=args.device, profile="off",
+        device=args.device, profile="off", compile=args.compile,
     )
     from preactresnet.data import load_dataset
 

@@ -153,6 +153,11 @@ def broadcast_object(value, info: DistInfo):
     return box[0]
 
 
+def is_launched() -> bool:
+    """Whether this process joined a process group (torchrun's)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

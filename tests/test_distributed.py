@@ -280,7 +280,7 @@ def _torchrun(nproc: int, *args: str, node: tuple[int, int] | None = None) -> li
 @pytest.mark.slow(28)
 def test_sigterm_under_torchrun_saves_mid_epoch_and_resumes_bit_identically(tmp_path, capsys):
     """What a cluster does: SIGTERM to the launcher at a random step; both ranks stop at the same step
-    within 30 s, rank 0 saves every rank's stream; a 2-process resume matches an unbroken run bit for bit,
+    and exit by themselves (not killed by the launcher after its 30 s grace), rank 0 saves every rank's stream; a 2-process resume matches an unbroken run bit for bit,
     and a 1-process resume is refused in one line (README: resume on the same number of processes)."""
     demo = [
         "--config", str(ROOT / "configs/demo.yaml"), "--epochs", "2", "--max-steps-per-epoch", "12", "--deterministic",
@@ -304,7 +304,7 @@ def test_sigterm_under_torchrun_saves_mid_epoch_and_resumes_bit_identically(tmp_
     rest = launcher.communicate(timeout=60)[0]
     took = time.monotonic() - sent
     print(f"SIGTERM after step {at}: the launcher and both processes were gone {took:.1f} s later")  # pytest -s shows it
-    assert took < 30, f"the processes took {took:.0f} s to stop"
+    assert "forcefully exiting" not in rest, rest[-3000:]  # the launcher's SIGKILL after its 30 s grace
     assert launcher.returncode != 0 and "stopped: saved" in rest, rest[-3000:]
     state = load_state(tmp_path / "ck" / "cut" / "last.state.pt")
     batch = state["ranks"][0]["loader"]["batch"]

@@ -159,5 +159,5 @@ def is_launched() -> bool:
 
 
 def cleanup() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if is_launched():
         dist.destroy_process_group()

@@ -100,11 +100,11 @@ def time_batched(images, cfg, mean, std, batch, batches, device, dtype, channels
 
 def main() -> None:
     ap = argparse.ArgumentParser(description="augmentation throughput, batched vs torchvision PIL")
-    ap.add_argument("--data-dir", default="../shared/data/cifar10-jpeg.tar.gz")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--data-dir", default="../shared/data/cifar10-jpeg.tar.gz", help="the CIFAR-10 JPEG archive (or any --data-dir train.py reads)")
+    ap.add_argument("--device", default="cpu", help="where the batched augmentation runs: cpu or cuda")
+    ap.add_argument("--batch-size", type=int, default=256, help="images per augmented batch, both sides")
     ap.add_argument("--images", type=int, default=5120, help="real training images used by both sides")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats of each side; the median is printed")
     ap.add_argument("--workers", type=int, default=os.cpu_count(), help="baseline DataLoader workers")
     args = ap.parse_args()
 

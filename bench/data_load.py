@@ -18,8 +18,8 @@ from preactresnet.data import load_dataset  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data-dir", default="../shared/data/cifar10-jpeg.tar.gz")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--data-dir", default="../shared/data/cifar10-jpeg.tar.gz", help="the CIFAR-10 JPEG archive to decode and cache")
+    ap.add_argument("--repeats", type=int, default=3, help="cached loads timed after the first; the best is printed")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as cache:
         start = time.perf_counter()

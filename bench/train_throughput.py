@@ -83,15 +83,15 @@ def trainer_path(cfg: TrainConfig, steps: int, warmup: int) -> tuple[float, str]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description="training images/s: trainer vs plain reference loop")
-    ap.add_argument("--data-dir", default="../shared/data/cifar10-jpeg.tar.gz")
-    ap.add_argument("--model", default="preactresnet18")
-    ap.add_argument("--width-mult", type=float, default=1.0)
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--workers", type=int, default=os.cpu_count())
+    ap.add_argument("--data-dir", default="../shared/data/cifar10-jpeg.tar.gz", help="real training images (train.py's --data-dir)")
+    ap.add_argument("--model", default="preactresnet18", help="network from the zoo, both sides")
+    ap.add_argument("--width-mult", type=float, default=1.0, help="channel width multiplier (1.0: the paper's network)")
+    ap.add_argument("--batch-size", type=int, default=128, help="images per step, both sides")
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per side")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps before them (compilation, allocator, caches)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count(), help="the reference loop's DataLoader workers (default: one per core)")
     ap.add_argument("--amp", default="auto", help="the trainer's precision: auto, bf16 or off")
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu or cuda")
     ap.add_argument("--compile", default="off", choices=["off", "on"],
                     help="the trainer's step: eager, or torch.compile'd (compiled during the warm-up, untimed)")
     args = ap.parse_args()

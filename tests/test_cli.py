@@ -31,3 +31,13 @@ def test_console_script_answers_help(script, capsys):
 def test_every_flag_has_a_description(parser):
     missing = [a.option_strings or a.dest for a in parser()._actions if a.dest != "help" and not (a.help or "").strip()]
     assert not missing
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "bench").glob("*.py")))
+def test_every_bench_flag_has_a_description(script):
+    import ast  # read, not run: a benchmark's main() times and trains
+
+    calls = [n for n in ast.walk(ast.parse((ROOT / "bench" / script).read_text()))
+             if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "add_argument"]
+    missing = [ast.literal_eval(c.args[0]) for c in calls if not any(k.arg == "help" for k in c.keywords)]
+    assert not missing

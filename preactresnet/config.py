@@ -98,6 +98,8 @@ class TrainConfig:
     ema_warmup: bool = setting(False, OPTIM, "EMA decay grows as 1 - (1 + step)^(-2/3) up to ema_decay: suits short runs")
     warmup_epochs: float = setting(5.0, SCHEDULE, "linear warmup length in epochs (fractions allowed)")
     warmup_lr: float = setting(1e-5, SCHEDULE, "learning rate at step 0, rising linearly to lr")
+    warmup_max_fraction: float = setting(0.25, SCHEDULE, "the warmup takes at most this share of the run's steps, so "
+                                         "a short run or small budget still decays (1: all of --warmup-epochs)")
     schedule: str = setting("cosine", SCHEDULE, "decay after warmup: cosine | linear, down to min_lr")
     min_lr: float = setting(0.0, SCHEDULE, "learning rate at the end of the decay")
     time_budget: str = setting("", SCHEDULE, "train as long as fits this wall-clock budget here instead of --epochs: 90s, 10m, 2h, 1h30m")
@@ -151,6 +153,7 @@ class TrainConfig:
             (self.width_mult > 0, f"--width-mult must be > 0, got {self.width_mult}"),
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}"),
+            (0 < self.warmup_max_fraction <= 1, f"--warmup-max-fraction must be in (0, 1], got {self.warmup_max_fraction}"),
             (0 <= self.min_lr <= self.lr, f"--min-lr must be in [0, lr], got {self.min_lr}"),
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
             (self.mixup_alpha >= 0 and self.cutmix_alpha >= 0, "--mixup-alpha and --cutmix-alpha must be >= 0"),

@@ -10,6 +10,12 @@ from dataclasses import dataclass, field
 from .config import TrainConfig
 
 
+def warmup_length(wanted: int, fraction: float, total: int) -> int:
+    """The warmup steps of a `total`-step run: what --warmup-epochs asks, at most `fraction` of the run and one step
+    short of its end, so that a run shorter than its warmup (a small budget on a slow CPU) still decays."""
+    return max(0, min(wanted, int(fraction * total), total - 1))
+
+
 @dataclass
 class RunPlan:
     """The run's length in steps, and where the learning-rate schedule stands at each step.
@@ -25,6 +31,7 @@ class RunPlan:
     schedule_warmup: int = -1  # the warmup it was built with
     warmup_wanted: int = -1  # what --warmup-epochs asks: a re-plan inside the warmup gives it back
     knots: list = field(default_factory=list)
+    warmup_fraction: float = 1.0  # --warmup-max-fraction (1.0 in states saved before it: their plans stay as they were)
 
     def __post_init__(self):
         self.schedule_steps = self.schedule_steps or self.total_steps
@@ -33,13 +40,14 @@ class RunPlan:
 
     @classmethod
     def of(cls, cfg: TrainConfig, steps_per_epoch: int, total_steps: int = 0, saved: dict | None = None) -> RunPlan:
-        """--epochs/--total-steps (or `total_steps`), with --warmup-epochs cut short only by a shorter run;
+        """--epochs/--total-steps (or `total_steps`), with --warmup-epochs cut to --warmup-max-fraction of the run;
         a resumed time budget's plan as it was `saved`."""
         if saved:
             return cls.from_state(saved)
         total = total_steps or cfg.total_steps or cfg.epochs * steps_per_epoch
         wanted = int(round(cfg.warmup_epochs * steps_per_epoch))
-        return cls(steps_per_epoch, total, min(wanted, total - 1), warmup_wanted=wanted)
+        return cls(steps_per_epoch, total, warmup_length(wanted, cfg.warmup_max_fraction, total), warmup_wanted=wanted,
+                   warmup_fraction=cfg.warmup_max_fraction)
 
     @property
     def epochs(self) -> int:
@@ -57,11 +65,11 @@ class RunPlan:
 
     def replan(self, step: int, total: int) -> None:
         """`total` steps in all from `step` on: the schedule keeps its value at `step`; inside the warmup, the warmup
-        ends where --warmup-epochs asks (or one step before a shorter run's end), at the schedule's peak."""
+        ends where --warmup-epochs asks (cut to the new run's share), at the schedule's peak."""
         assert total > step, "a re-plan keeps at least one step to take"
         knots = [k for k in self.knots if k[0] < step] + [(step, self.schedule_step(step))]
         if step < self.warmup_steps:
-            self.warmup_steps = max(step, min(self.warmup_wanted, total - 1))
+            self.warmup_steps = max(step, warmup_length(self.warmup_wanted, self.warmup_fraction, total))
             if self.warmup_steps > step:
                 knots.append((self.warmup_steps, self.schedule_warmup))
         self.knots, self.total_steps = knots, total
@@ -69,7 +77,8 @@ class RunPlan:
     def state_dict(self) -> dict:
         return {"steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
                 "schedule_steps": self.schedule_steps, "schedule_warmup": self.schedule_warmup,
-                "warmup_wanted": self.warmup_wanted, "knots": [list(k) for k in self.knots]}
+                "warmup_wanted": self.warmup_wanted, "knots": [list(k) for k in self.knots],
+                "warmup_fraction": self.warmup_fraction}
 
     @classmethod
     def from_state(cls, state: dict) -> RunPlan:

@@ -100,11 +100,12 @@ def test_the_schedule_follows_every_replan_continuously_to_its_minimum(schedule)
 
 
 def test_a_first_plan_shorter_than_the_warmup_gets_the_whole_warmup_back():
-    """A calibration 8x too slow planned 30 steps, so the warmup of 50 asked for was cut to 29; the re-plan at step 5
-    to 200 steps gives it back: the rate rises without a jump to its peak at step 50, then decays to its minimum."""
+    """A calibration 8x too slow planned 30 steps, so the warmup of 50 asked for was cut to 7 (a quarter of the run,
+    --warmup-max-fraction); the re-plan at step 5 to 200 steps gives it back: the rate rises without a jump to its
+    peak at step 50, then decays to its minimum."""
     cfg = TrainConfig(lr=0.1, warmup_lr=0.0, warmup_epochs=5, min_lr=0.0)
     plan = RunPlan.of(cfg, 10, 30)
-    assert (plan.warmup_steps, plan.warmup_wanted) == (29, 50)
+    assert (plan.warmup_steps, plan.warmup_wanted) == (7, 50)
     lrs, jumps, last = _lrs(plan, [(5, 200)], cfg)
     assert plan.warmup_steps == 50 and len(lrs) == 200 and jumps[0][0] == pytest.approx(jumps[0][1])
     assert max(lrs) == pytest.approx(0.1) and lrs.index(max(lrs)) == 50 and last == pytest.approx(0.0)
@@ -116,9 +117,28 @@ def test_a_first_plan_shorter_than_the_warmup_gets_the_whole_warmup_back():
         assert opt.param_groups[0]["lr"] == pytest.approx(lrs[step], rel=1e-12), step
 
 
+@pytest.mark.parametrize("fraction, warmup", [(0.25, 25), (0.5, 50), (1.0, 99)])
+def test_a_run_shorter_than_its_warmup_still_decays(fraction, warmup):
+    """A 100-step run asked for 150 warmup steps (a small budget on a slow CPU): the warmup is cut to
+    --warmup-max-fraction of the run (1.0: one step short of its end, the old rule), and the rest decays."""
+    cfg = TrainConfig(lr=0.1, warmup_lr=0.0, warmup_epochs=1.5, min_lr=0.0, warmup_max_fraction=fraction)
+    plan = RunPlan.of(cfg, 100, 100)
+    lrs, _, last = _lrs(plan, [], cfg)
+    assert plan.warmup_steps == warmup and lrs.index(max(lrs)) == warmup and last == pytest.approx(0.0)
+    assert max(lrs) == pytest.approx(0.1)
+
+
+def test_a_plan_saved_before_the_warmup_cap_resumes_as_it_was():
+    state = RunPlan(10, 30, 29, warmup_wanted=50).state_dict()
+    del state["warmup_fraction"]  # a state saved by a version without --warmup-max-fraction
+    plan = RunPlan.from_state(state)
+    plan.replan(5, 40)
+    assert plan.warmup_fraction == 1.0 and plan.warmup_steps == 39
+
+
 def test_a_fixed_plan_reads_the_schedule_at_the_step_itself():
-    plan = RunPlan.of(TrainConfig(epochs=3, warmup_epochs=1), 10)
-    assert (plan.total_steps, plan.warmup_steps) == (30, 10)
+    plan = RunPlan.of(TrainConfig(epochs=3, warmup_epochs=0.5), 10)
+    assert (plan.total_steps, plan.warmup_steps) == (30, 5)
     assert [plan.schedule_step(s) for s in (0, 7, 30)] == [0, 7, 30] and isinstance(plan.schedule_step(7), int)
 
 

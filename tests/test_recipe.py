@@ -70,7 +70,7 @@ def test_every_zoo_model_has_a_stem_to_whiten(name, sample_dataset):
 
 
 def test_linear_schedule_and_bn_lr_scale():
-    cfg = TrainConfig(optimizer="sgd", lr=0.4, min_lr=0.0, warmup_epochs=1, warmup_lr=0.0, epochs=3,
+    cfg = TrainConfig(optimizer="sgd", lr=0.4, min_lr=0.0, warmup_epochs=1, warmup_max_fraction=0.5, warmup_lr=0.0, epochs=3,
                       schedule="linear", bn_lr_scale=4.0, weight_decay=5e-4)
     model = create_model("preactresnet18", width_mult=0.125)
     opt = build_optimizer(cfg, model)

@@ -50,10 +50,11 @@ def draw(series: dict[str, list[dict]], out: Path) -> Path:
             ax.errorbar(p["minutes"], p["acc"], yerr=err, fmt="o", color=color, mfc="white" if p["sample"] else color,
                         capsize=3, label=cpu if p is points[0] else None)
             name = "demo, sample test set" if p["sample"] else p["point"].replace("_", " ")
+            name = "" if name[0].isdigit() and "(" not in name else f"{name}: "  # "15 min" is the x axis already
             right = p["minutes"] > 40  # a label right of the last points would leave the axes: left of them
-            ax.annotate(f"{name}: {p['acc']:.1f}% ({p['seeds']} seed{'s' * (p['seeds'] > 1)})", (p["minutes"], p["acc"]),
-                        textcoords="offset points", xytext=(-8 if right else 8, 4 + 4 * k if k % 2 else 4 - 11 * k),
-                        ha="right" if right else "left", fontsize=7.5, color=color)  # odd series above
+            ax.annotate(f"{name}{p['acc']:.1f}% ({p['seeds']} seed{'s' * (p['seeds'] > 1)})", (p["minutes"], p["acc"]),
+                        textcoords="offset points", xytext=(-8 if right else 8, -11 if k % 2 else 5),
+                        ha="right" if right else "left", fontsize=7.5, color=color)  # odd series below, even above
     ax.set_ylim(top=max(p["high"] for points in series.values() for p in points) + 3)  # room for the labels above
     ax.set_xscale("log")
     ax.set_xlim(0.8, 80)
@@ -64,7 +65,7 @@ def draw(series: dict[str, list[dict]], out: Path) -> Path:
     ax.set_ylabel("test accuracy, %")
     ax.set_title("CIFAR-10 on a 2-core CPU: accuracy for the time you have (no TTA)")
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="center right", fontsize=8, title="CPU kind (hollow: sample test set)", title_fontsize=8)
+    ax.legend(loc="lower right", fontsize=8, title="CPU kind (hollow: sample test set)", title_fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)

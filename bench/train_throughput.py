@@ -1,6 +1,6 @@
 """Training throughput: this trainer's default path against the plain loop of popular CIFAR repositories.
 
-    python bench/train_throughput.py [--model preactresnet18] [--batch-size 128] [--steps 6]
+    python bench/train_throughput.py [--model preactresnet18] [--batch-size 128] [--steps 6] [--config configs/cpu_15min.yaml]
 
 Both sides train the same network from the zoo on the same real CIFAR-10 images with the same
 augmentations (RandomCrop, RandomHorizontalFlip, ColorJitter, RandomErasing), on the same machine in
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from augment import PILDataset, torchvision_pipeline  # noqa: E402  (bench/augment.py)
 
-from preactresnet.config import TrainConfig  # noqa: E402
+from preactresnet.config import TrainConfig, from_dict, load_yaml  # noqa: E402
 from preactresnet.models import create_model  # noqa: E402
 from preactresnet.training import Trainer  # noqa: E402
 
@@ -94,13 +94,17 @@ def main() -> None:
     ap.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu or cuda")
     ap.add_argument("--compile", default="off", choices=["off", "on"],
                     help="the trainer's step: eager, or torch.compile'd (compiled during the warm-up, untimed)")
+    ap.add_argument("--config", default="", help="the trainer's recipe from this YAML (optimizer, augmentation; "
+                    "default: the spec's); the flags above still set model, width, batch and precision")
     args = ap.parse_args()
 
-    cfg = TrainConfig(
+    recipe = load_yaml(args.config) if args.config else {}
+    recipe.pop("time_budget", None)  # timed steps, not a budget
+    cfg = from_dict(recipe | dict(
         model=args.model, width_mult=args.width_mult, data_dir=args.data_dir, batch_size=args.batch_size,
         epochs=1, progress=False, run_name="bench", checkpoint_dir="/tmp/preactresnet-bench", amp=args.amp,
         device=args.device, profile="off", compile=args.compile,
-    )
+    ))
     from preactresnet.data import load_dataset
 
     ds = load_dataset(cfg.dataset, cfg.data_dir)

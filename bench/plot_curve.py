@@ -52,9 +52,10 @@ def draw(series: dict[str, list[dict]], out: Path) -> Path:
             name = "demo, sample test set" if p["sample"] else p["point"].replace("_", " ")
             name = "" if name[0].isdigit() and "(" not in name else f"{name}: "  # "15 min" is the x axis already
             right = p["minutes"] > 40  # a label right of the last points would leave the axes: left of them
+            below = k % 2 and not right  # odd series below, even above; the last labels above, clear of the one before
             ax.annotate(f"{name}{p['acc']:.1f}% ({p['seeds']} seed{'s' * (p['seeds'] > 1)})", (p["minutes"], p["acc"]),
-                        textcoords="offset points", xytext=(-8 if right else 8, -11 if k % 2 else 5),
-                        ha="right" if right else "left", fontsize=7.5, color=color)  # odd series below, even above
+                        textcoords="offset points", xytext=(-8 if right else 8, -11 if below else 5),
+                        ha="right" if right else "left", fontsize=7.5, color=color)
     ax.set_ylim(top=max(p["high"] for points in series.values() for p in points) + 3)  # room for the labels above
     ax.set_xscale("log")
     ax.set_xlim(0.8, 80)

@@ -51,7 +51,7 @@ def draw(series: dict[str, list[dict]], out: Path) -> Path:
                         capsize=3, label=cpu if p is points[0] else None)
             name = "demo, sample test set" if p["sample"] else p["point"].replace("_", " ")
             name = "" if name[0].isdigit() and "(" not in name else f"{name}: "  # "15 min" is the x axis already
-            right = p["minutes"] > 40  # a label right of the last points would leave the axes: left of them
+            right = p["minutes"] > 40 or len(full) == 1  # left of the last points (else off the axes) and of a lone point
             below = k % 2 and not right  # odd series below, even above; the last labels above, clear of the one before
             ax.annotate(f"{name}{p['acc']:.1f}% ({p['seeds']} seed{'s' * (p['seeds'] > 1)})", (p["minutes"], p["acc"]),
                         textcoords="offset points", xytext=(-8 if right else 8, -11 if below else 5),

@@ -50,6 +50,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "+whiten": ("stem initialised by patch whitening", ["--whiten-stem"]),
     "-ema": ("no EMA", ["--no-ema"]),
     "+ema": ("EMA with decay warmup (the EMA's accuracy is reported)", ["--ema", "--ema-warmup"]),
+    "+lookahead": ("airbench's Lookahead: back to a slow copy every 5 steps, ending on it", ["--lookahead"]),
     "-linear": ("cosine decay instead of linear", ["--schedule", "cosine"]),
     "+linear": ("linear decay instead of cosine", ["--schedule", "linear"]),
     "-bn-lr": ("BN/bias lr scale 1", ["--bn-lr-scale", "1"]),

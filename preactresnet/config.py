@@ -96,6 +96,7 @@ class TrainConfig:
     ema: bool = setting(False, OPTIM, "keep an exponential moving average of the weights (ema.safetensors)")
     ema_decay: float = setting(0.999, OPTIM, "EMA decay per step")
     ema_warmup: bool = setting(False, OPTIM, "EMA decay grows as 1 - (1 + step)^(-2/3) up to ema_decay: suits short runs")
+    lookahead: bool = setting(False, OPTIM, "airbench's Lookahead: every 5 steps weights and BN statistics go back to a slow copy, the run ends on it")
     warmup_epochs: float = setting(5.0, SCHEDULE, "linear warmup length in epochs (fractions allowed)")
     warmup_lr: float = setting(1e-5, SCHEDULE, "learning rate at step 0, rising linearly to lr")
     warmup_max_fraction: float = setting(0.25, SCHEDULE, "the warmup takes at most this share of the run's steps, so "
@@ -110,6 +111,7 @@ class TrainConfig:
     compile: str = setting("auto", SPEED, "torch.compile the step: on | off | auto (a --time-budget run compiles where "
                            "the gain measured here repays the compilation; cached)")
     threads: int = setting(0, SPEED, "CPU threads for PyTorch (0: PyTorch's choice)")
+    flush_denormal: bool = setting(True, SPEED, "CPU: denormal floats count as zero (FTZ/DAZ): late in training they made steps 3x slower")
     profile: str = setting("auto", SPEED, "optimize_system.py's measured settings: auto (if made here) | off | PATH")
     sync_debug: bool = setting(False, SPEED, "CUDA: warn at every host synchronization (torch.cuda.set_sync_debug_mode)")
     run_name: str = setting("", OUTPUT, "run name (default: <model>-<date>-<time>)")
@@ -294,7 +296,4 @@ class ResolvedConfig:
     precision_line: str | None = None  # why --amp auto / --muon-ns-dtype auto chose what they did (None: no choice timed)
 
 
-__all__ = [
-    "RESUMABLE_OVERRIDES", "ResolvedConfig", "TrainConfig", "build_parser", "from_dict", "load_yaml", "parse_args",
-    "parse_duration",
-]
+__all__ = ["RESUMABLE_OVERRIDES", "ResolvedConfig", "TrainConfig", "build_parser", "from_dict", "load_yaml", "parse_args", "parse_duration"]

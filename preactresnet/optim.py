@@ -196,10 +196,43 @@ def build_mixup(cfg: TrainConfig, num_classes: int):
     return mixup
 
 
+class Lookahead:
+    """airbench's Lookahead (Jordan 2024): every `every` steps a slow copy of the weights and BN statistics moves toward
+    the network by 1 - decay, decay = base^every x (progress of the schedule)^3, and the network starts again from it;
+    the plan's last step ends on the slow copy. Held in timm's EMA (its foreach lerp of parameters and buffers): timm's
+    Lookahead wrapper has a fixed rate, leaves the BN statistics out and ends on the fast weights."""
+
+    def __init__(self, model: nn.Module, plan: RunPlan, every: int = 5, base: float = 0.95):
+        self.plan, self.every, self.base = plan, every, base
+        self.slow = ModelEmaV3(model, decay=0.0)
+
+    @torch.no_grad()
+    def step(self, model: nn.Module, step: int) -> None:
+        """After optimizer step `step`: on every `every`-th and the plan's last, the network goes back to the slow copy."""
+        last = step >= self.plan.total_steps
+        if step % self.every and not last:
+            return
+        if not last:  # the last step takes no update: the run ends on the slow weights (airbench's decay 1)
+            self.slow.decay = self.base ** self.every * (self.plan.schedule_step(step) / self.plan.schedule_steps) ** 3
+            self.slow.update(model)
+        pairs = [(m, s) for m, s in zip(model.state_dict().values(), self.slow.module.state_dict().values()) if m.is_floating_point()]
+        torch._foreach_copy_([m for m, _ in pairs], [s for _, s in pairs])
+
+    def state_dict(self) -> dict:
+        return self.slow.module.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.slow.module.load_state_dict(state)
+
+
+def build_lookahead(cfg: TrainConfig, model: nn.Module, plan: RunPlan) -> Lookahead | None:
+    return Lookahead(model, plan) if cfg.lookahead else None
+
+
 def build_ema(cfg: TrainConfig, model: nn.Module) -> ModelEmaV3 | None:
     """timm's EMA of the weights; with ema_warmup its decay ramps up, so short runs profit from it too."""
     return ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup) if cfg.ema else None
 
 
-__all__ = ["MuonNS", "NS_DTYPES", "build_ema", "build_mixup", "build_optimizer", "build_scheduler", "fused_refusal", "ns_dtype_name", "param_groups",
-           "wants_fused"]
+__all__ = ["Lookahead", "MuonNS", "NS_DTYPES", "build_ema", "build_lookahead", "build_mixup", "build_optimizer", "build_scheduler",
+           "fused_refusal", "ns_dtype_name", "param_groups", "wants_fused"]

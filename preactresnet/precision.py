@@ -26,7 +26,7 @@ from .fileio import atomic_write
 from .models import create_model
 from .optim import build_optimizer
 from .step import timing_parts, train_step
-from .system import PRECISION_NAMES, cpu_name, cuda_has_bf16, resolve_amp, resolve_device
+from .system import PRECISION_NAMES, cpu_name, cuda_has_bf16, flush_denormals, resolve_amp, resolve_device
 
 CACHE_PATH = Path(".preactresnet") / "precision.json"
 CACHE_ENV = "PREACTRESNET_PRECISION_CACHE"  # another cache file (shared by runs in different folders, as the tests do)
@@ -197,8 +197,10 @@ def gpu_rule(wanted: tuple, device: torch.device) -> dict:
 def resolve_precision(run: ResolvedConfig, dist: DistInfo, num_classes: int, channels_last: bool,
                       clock=time.perf_counter, path: Path | None = None) -> ResolvedConfig:
     """The run with 'auto' precisions replaced by what was chosen, and the line saying why (`run.precision_line`).
-    A resumed run keeps what it was saved with; explicit settings (flags, YAML, a system profile) win."""
+    A resumed run keeps what it was saved with; explicit settings (flags, YAML, a system profile) win. Denormals are
+    flushed first (--flush-denormal), before a timing starts torch's threads: they inherit it."""
     cfg = run.cfg
+    flush_denormals(cfg.flush_denormal)
     wanted = tuple(w for w, auto in (("amp", cfg.amp == "auto"), ("ns", cfg.optimizer == "muon" and cfg.muon_ns_dtype == "auto")) if auto)
     if run.state is not None or not wanted:
         return run

@@ -23,6 +23,7 @@ class StepParts:
     scaler: torch.amp.GradScaler  # fp16's loss scaling (a no-op otherwise)
     scheduler: object  # plan.PlannedSchedule: the rate as a function of the step
     ema: object | None
+    lookahead: object | None  # optim.Lookahead: the network steps back to its slow copy every few steps
     mixup: object  # timm's Mixup: mixed targets, or plain ones with label smoothing
     criterion: nn.Module
     num_classes: int
@@ -46,7 +47,7 @@ def timing_parts(model: nn.Module, train_module: nn.Module, optimizer, device: t
                  num_classes: int = 10) -> StepParts:
     """A step's parts for timing it (optimize_system.py, the precision choice): no mixing, no schedule, no EMA."""
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    return StepParts(model, train_module, optimizer, scaler, _ConstantRate(), None, _NoMixing(), SoftTargetCrossEntropy(),
+    return StepParts(model, train_module, optimizer, scaler, _ConstantRate(), None, None, _NoMixing(), SoftTargetCrossEntropy(),
                      num_classes, 0.0, device, amp_dtype, 0.0, True)
 
 
@@ -67,6 +68,8 @@ def train_step(p: StepParts, x: torch.Tensor, y: torch.Tensor, step: int) -> tor
     p.scaler.step(p.optimizer)
     p.scaler.update()
     p.scheduler.step_update(num_updates=step)
+    if p.lookahead is not None:
+        p.lookahead.step(p.model, step)
     if p.ema is not None:
         p.ema.update(p.model, step=step)
     return loss.detach()

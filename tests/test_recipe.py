@@ -1,4 +1,4 @@
-"""The time-to-accuracy techniques: alternating flip, whitened stem, linear decay, BN/bias lr, Muon, EMA, TTA."""
+"""The time-to-accuracy techniques: alternating flip, whitened stem, linear decay, BN/bias lr, Muon, EMA, Lookahead, TTA."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from preactresnet.checkpoint import load_state, read_metadata
 from preactresnet.config import TrainConfig, build_parser
 from preactresnet.data import AugmentConfig, BatchAugment, TensorLoader
 from preactresnet.models import create_model, list_models
-from preactresnet.optim import build_ema, build_optimizer, build_scheduler
+from preactresnet.optim import Lookahead, build_ema, build_lookahead, build_optimizer, build_scheduler
 from preactresnet.plan import RunPlan
 from preactresnet.whitening import patch_whitening, stem_conv, whiten_stem_
 
@@ -113,11 +113,37 @@ def test_ema_warmup_starts_fast():
     assert build_ema(TrainConfig(ema=False), model) is None
 
 
+def test_lookahead_steps_back_to_its_slow_copy_every_5_steps_and_ends_on_it():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    plan = RunPlan(steps_per_epoch=10, total_steps=12, warmup_steps=0)
+    look, start = Lookahead(model, plan), {k: v.clone() for k, v in model.state_dict().items()}
+    floats = [k for k, v in start.items() if v.is_floating_point()]  # weights, biases, BN statistics
+
+    def step(n: int) -> None:  # optimizer step n moves every float tensor by +1, then Lookahead acts
+        with torch.no_grad():
+            for k in floats:
+                model.state_dict()[k].add_(1.0)
+        look.step(model, n)
+
+    for n in range(1, 5):
+        step(n)
+    assert all(torch.allclose(model.state_dict()[k], start[k] + 4) for k in floats), "between syncs the network runs free"
+    step(5)
+    moved = 5 * (1 - 0.95 ** 5 * (5 / 12) ** 3)  # the slow copy moves 1 - decay of the way; the network goes back to it
+    assert all(torch.allclose(model.state_dict()[k], start[k] + moved) for k in floats)
+    for n in range(6, 13):  # step 10 syncs; 12 is the plan's last: no update, the network ends on the slow copy
+        step(n)
+    slow = look.state_dict()
+    assert all(torch.equal(model.state_dict()[k], slow[k]) for k in floats)
+    assert not torch.allclose(slow[floats[0]], start[floats[0]] + 12), "the last two steps are not in the slow copy"
+    assert build_lookahead(TrainConfig(lookahead=False), model, plan) is None
+
+
 @pytest.mark.slow(10)
 def test_resume_is_exact_with_every_technique(tmp_path):
     common = ["--epochs", "2", "--max-steps-per-epoch", "3", "--deterministic", "--alt-flip", "--whiten-stem",
               "--ema", "--ema-warmup", "--schedule", "linear", "--bn-lr-scale", "2", "--optimizer", "muon",
-              "--lr", "0.02", "--tta", "flip"]
+              "--lr", "0.02", "--tta", "flip", "--lookahead"]  # Lookahead's sync at step 5 comes after the resume
     result = trainer(tmp_path, *common, "--run-name", "straight", "--figures").fit()  # the curves with an EMA
     assert result["tta_accuracy"] is not None and 0 <= result["tta_accuracy"] <= 100
     a = trainer(tmp_path, *common, "--run-name", "split")

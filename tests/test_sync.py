@@ -63,7 +63,7 @@ def test_no_synchronization_per_training_step(tmp_path, optimizer):
     from preactresnet.training import Trainer
 
     argv = run_args(tmp_path, "--jitter-prob", "0.8", "--erase-prob", "0.25", "--mix-prob", "0.5", "--ema", "--ema-warmup",
-                    "--optimizer", optimizer, "--lr", "0.01", "--alt-flip", "--log-interval", "1000", "--epochs", "1")
+                    "--lookahead", "--optimizer", optimizer, "--lr", "0.01", "--alt-flip", "--log-interval", "1000", "--epochs", "1")
     cfg, explicit = parse_args(argv)
     t = Trainer.from_config(cfg, explicit, out=lambda *a: None)
     _counts(t, 1)  # first use: constants built once per device, kernels chosen

@@ -3,6 +3,8 @@ import math
 import os
 import pickle
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -251,3 +253,25 @@ def test_config_yaml_then_flags(tmp_path):
 def test_spec_defaults():
     cfg = TrainConfig()
     assert (cfg.batch_size, cfg.epochs, cfg.lr, cfg.optimizer, cfg.label_smoothing) == (256, 200, 0.05, "adagrad", 0.1)
+
+
+DENORMALS = """
+import sys, torch
+from preactresnet.config import parse_args
+from preactresnet.training import Trainer
+cfg, explicit = parse_args(sys.argv[1:])
+Trainer.from_config(cfg, explicit, out=lambda *a: None).train_steps(1)
+x = torch.full((1 << 22,), 1e-39)  # a denormal float32; the multiply is split over the threads
+print((x * 1.0).count_nonzero().item())
+"""
+
+
+@pytest.mark.slow(8)
+@pytest.mark.parametrize("flush", [True, False])
+def test_a_run_flushes_denormals_in_every_thread(tmp_path, flush):
+    """Late in training denormals made a step 3x slower (BENCHMARKS.md): every thread of the run counts them as zero."""
+    argv = run_args(tmp_path, "--threads", "2", "--epochs", "1", "--max-steps-per-epoch", "2", "--compile", "off",
+                    *([] if flush else ["--no-flush-denormal"]))
+    done = subprocess.run([sys.executable, "-c", DENORMALS, *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) == (0 if flush else 1 << 22)

@@ -21,7 +21,7 @@ from ..data import BatchAugment, Dataset, TensorLoader, load_dataset
 from ..distributed import DistInfo, all_reduce_sum, wait_for_data
 from ..hub import load_pretrained_into
 from ..models import create_model
-from ..optim import FUSED_KERNELS, build_ema, build_mixup, build_optimizer, build_scheduler, fused_refusal
+from ..optim import FUSED_KERNELS, build_ema, build_lookahead, build_mixup, build_optimizer, build_scheduler, fused_refusal
 from ..plan import RunPlan
 from ..system import (
     apply_process_settings, machine_description, process_age, resolve_amp, resolve_device, seed_everything, set_deterministic, tune_malloc,
@@ -155,11 +155,12 @@ def build_network(cfg: TrainConfig, dist: DistInfo, startup: Startup, data: Data
 
 def build_step_parts(cfg: TrainConfig, dist: DistInfo, startup: Startup, net: Network, num_classes: int,
                      plan: RunPlan) -> StepParts:
-    """A fresh optimizer, schedule (fitted to `plan`), MixUp/CutMix, loss, gradient scaler and EMA."""
+    """A fresh optimizer, schedule (fitted to `plan`), MixUp/CutMix, loss, gradient scaler, EMA and Lookahead."""
     optimizer = build_optimizer(cfg, net.model, startup.lr_scale)
     return StepParts(
         net.model, net.train_module, optimizer, torch.amp.GradScaler(startup.device.type, enabled=startup.amp_dtype == torch.float16),
-        build_scheduler(cfg, optimizer, plan, startup.lr_scale), build_ema(cfg, net.model), build_mixup(cfg, num_classes),
+        build_scheduler(cfg, optimizer, plan, startup.lr_scale), build_ema(cfg, net.model), build_lookahead(cfg, net.model, plan),
+        build_mixup(cfg, num_classes),
         SoftTargetCrossEntropy(), num_classes, cfg.label_smoothing, startup.device, startup.amp_dtype, cfg.grad_clip,
         not dist.enabled,
     )

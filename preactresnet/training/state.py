@@ -18,12 +18,13 @@ from ..step import StepParts
 
 
 class Checkpointer:
-    """Saves and loads what it was given: the model, optimizer, gradient scaler and EMA of a step's parts, and the
+    """Saves and loads what it was given: the model, optimizer, gradient scaler, EMA and Lookahead of a step's parts, and the
     training loader; it keeps the best epoch's score (on the split that chooses it) and that epoch."""
 
     def __init__(self, dirs: RunDirs, dist: DistInfo, meta: WeightsMeta, parts: StepParts, loader):
         self.dirs, self.dist, self.meta = dirs, dist, meta
         self.model, self.optimizer, self.scaler, self.ema, self.loader = parts.model, parts.optimizer, parts.scaler, parts.ema, loader
+        self.lookahead = parts.lookahead
         self.best_metric, self.best_epoch = -1.0, -1
 
     def save_epoch(self, epoch: int, ev: EpochEval, record: dict, plan: dict | None) -> None:
@@ -47,6 +48,7 @@ class Checkpointer:
             "format": 2, "epoch": epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema is not None else None, "world_size": self.dist.world_size,
+            "lookahead": self.lookahead.state_dict() if self.lookahead is not None else None,
             "ranks": ranks,  # each rank's loader position and random streams, in rank order
             "best_metric": self.best_metric, "best_epoch": self.best_epoch, **record,
         }
@@ -89,6 +91,8 @@ class Checkpointer:
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.module.load_state_dict(state["ema"])
+        if self.lookahead is not None and state.get("lookahead") is not None:
+            self.lookahead.load_state_dict(state["lookahead"])
         mine = rank_state(state, self.dist.rank)
         same_device = state.get("device_type", device_type) == device_type
         self.loader.load_state_dict(mine["loader"], generator=same_device)

@@ -51,6 +51,8 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
+SPEED_CHOICES = {"channels_last": ("auto", "on", "off"), "compile": ("auto", "on", "off"), "conv_wgrad": ("auto", "aten", "matmul")}
+AUGMENT_SETTINGS = ("crop_padding", "flip_prob", "jitter_prob", "brightness", "contrast", "saturation", "hue", "erase_prob")
 SWITCHES = ("compile",)  # settings that were on/off switches and now also take auto: --x, --x auto|on|off, --no-x
 
 
@@ -110,6 +112,7 @@ class TrainConfig:
     channels_last: str = setting("auto", SPEED, "NHWC memory format: auto | on | off")
     compile: str = setting("auto", SPEED, "torch.compile the step: on | off | auto (a --time-budget run compiles where "
                            "the gain measured here repays the compilation; cached)")
+    conv_wgrad: str = setting("auto", SPEED, "CPU conv weight gradients: auto (oneDNN's or one matmul per layer shape, as timed here; cached) | aten | matmul")
     threads: int = setting(0, SPEED, "CPU threads for PyTorch (0: PyTorch's choice)")
     flush_denormal: bool = setting(True, SPEED, "CPU: denormal floats count as zero (FTZ/DAZ): late in training they made steps 3x slower")
     profile: str = setting("auto", SPEED, "optimize_system.py's measured settings: auto (if made here) | off | PATH")
@@ -127,17 +130,8 @@ class TrainConfig:
     seed: int = setting(0, REPRO, "seed of every random draw")
     deterministic: bool = setting(False, REPRO, "bit-exact repeat runs (deterministic kernels; slower on GPUs)")
 
-    def augment(self) -> AugmentConfig:
-        return AugmentConfig(
-            crop_padding=self.crop_padding,
-            flip_prob=self.flip_prob,
-            jitter_prob=self.jitter_prob,
-            brightness=self.brightness,
-            contrast=self.contrast,
-            saturation=self.saturation,
-            hue=self.hue,
-            erase_prob=self.erase_prob,
-        )
+    def augment(self) -> AugmentConfig:  # the settings the augmentation shares by name (its others keep their defaults)
+        return AugmentConfig(**{name: getattr(self, name) for name in AUGMENT_SETTINGS})
 
     def validated(self) -> TrainConfig:
         """A copy with names in canonical form; bad settings fail here, at start, with one line naming the flag."""
@@ -170,8 +164,8 @@ class TrainConfig:
             (str(self.amp).lower() in AMP_CHOICES, f"unknown --amp '{self.amp}'; use auto, bf16, fp16 or off"),
             (self.bn_lr_scale > 0, f"--bn-lr-scale must be > 0, got {self.bn_lr_scale}"),
             (self.muon_ns_dtype in ("auto", "bf16", "fp32"), f"--muon-ns-dtype must be auto, bf16 or fp32, got '{self.muon_ns_dtype}'"),
-            (self.channels_last in ("auto", "on", "off"), f"--channels-last must be auto, on or off, got '{self.channels_last}'"),
-            (self.compile in ("auto", "on", "off"), f"--compile must be auto, on or off, got '{self.compile}'"),
+            *[(getattr(self, name) in allowed, f"--{name.replace('_', '-')} must be {', '.join(allowed[:-1])} or {allowed[-1]}, "
+               f"got '{getattr(self, name)}'") for name, allowed in SPEED_CHOICES.items()],
             (self.dataset in ("cifar10", "cifar100"), f"unknown --dataset '{self.dataset}'; use cifar10 or cifar100"),
         ]
         if self.mixing and self.batch_size % 2:
@@ -197,7 +191,7 @@ class TrainConfig:
 
 # Settings a resumed run may change: they alter speed or output, never the numbers it computes.
 RESUMABLE_OVERRIDES = {
-    "device", "threads", "progress", "log_interval", "resume", "compile", "data_dir", "download", "profile", "sync_debug",
+    "device", "threads", "progress", "log_interval", "resume", "compile", "conv_wgrad", "data_dir", "download", "profile", "sync_debug",
     "figures", "tta",  # output only (the PNGs, the end-of-run TTA figure): training is the same
 }
 

@@ -117,7 +117,7 @@ def test_summary_prints_the_choice_and_a_second_run_reads_the_cache(tmp_path, mo
         assert ("timed here" if run == "first" else "cached in") in line, line
     assert [names[0] for names in timed] == ["off", "fp32"], "the second run timed nothing"  # bf16: timed or probed
     entries = json.loads(path.read_text())["entries"]
-    (key, entry), = entries.items()
+    (key, entry), = [(k, v) for k, v in entries.items() if not k.startswith("conv-wgrad |")]
     assert "preactresnet18 x0.125" in key and torch.backends.cpu.get_cpu_capability() in key
     assert set(entry["amp"]) == {"off", "bf16"} and set(entry["ns"]) == {"fp32", "bf16"}
 

@@ -17,6 +17,7 @@ from timm.loss import SoftTargetCrossEntropy
 
 from ..checkpoint import WeightsMeta, portable_path
 from ..config import TrainConfig
+from ..convgrad import configure as configure_conv_wgrad
 from ..data import BatchAugment, Dataset, TensorLoader, load_dataset
 from ..distributed import DistInfo, all_reduce_sum, wait_for_data
 from ..hub import load_pretrained_into
@@ -142,6 +143,9 @@ def build_network(cfg: TrainConfig, dist: DistInfo, startup: Startup, data: Data
         if startup.device.type == "cpu":
             raise ValueError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm has no CPU kernel; drop --sync-bn")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if startup.device.type == "cpu" and cfg.conv_wgrad != "aten":
+        out(configure_conv_wgrad(model, cfg.conv_wgrad, tuple(data.train_images.shape[1:]), cfg.batch_size, startup.amp_dtype,
+                                 startup.channels_last, dist))
     train_module, all_reduce = model, None
     if dist.enabled:
         ids = [startup.device.index] if startup.device.type == "cuda" else None

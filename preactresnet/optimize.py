@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from . import precision
+from . import convgrad, precision
 from .config import TrainConfig
+from .distributed import DistInfo
 from .data.augment import AugmentConfig, BatchAugment
 from .fileio import first_line
 from .models import check_model_name, create_model
@@ -140,6 +141,8 @@ def time_setting(model_name: str, width_mult: float, batch: int, device: torch.d
     with _settings(device, c):
         torch.manual_seed(0)
         model = create_model(model_name, width_mult=width_mult).to(device, memory_format=fmt)
+        if c.get("conv_wgrad", "aten") != "aten":  # as train.py's --conv-wgrad (bench/conv_wgrad.py times it)
+            convgrad.configure(model, c["conv_wgrad"], (3, 32, 32), batch, dtype, fmt == torch.channels_last, DistInfo())
         step_model = torch.compile(model) if c["compile"] else model
         opt = build_optimizer(optimizer or TrainConfig(optimizer="sgd", lr=0.01), model)
         parts = timing_parts(model, step_model, opt, device, dtype)

@@ -37,6 +37,11 @@ def weight_grad_mm(grad: torch.Tensor, x: torch.Tensor, kernel: int, stride: int
     return w.reshape(cout, kernel, kernel, -1).permute(0, 3, 1, 2)
 
 
+def onednn_grads(grad, x, weight, stride: int, padding: int, mask: list[bool]) -> tuple:
+    """aten's conv2d backward (oneDNN on a CPU) for (input, weight, bias) as `mask` asks."""
+    return torch.ops.aten.convolution_backward(grad, x, weight, None, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], 1, mask)
+
+
 class _MatmulWeightGrad(torch.autograd.Function):
     """conv2d (square kernel, stride and padding, no bias, no groups) whose backward takes its weight gradient by matmul."""
 
@@ -52,8 +57,7 @@ class _MatmulWeightGrad(torch.autograd.Function):
         s, p = ctx.stride, ctx.padding
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.aten.convolution_backward(grad, x, weight, None, [s, s], [p, p], [1, 1], False, [0, 0], 1,
-                                                         [True, False, False])[0]
+            grad_x = onednn_grads(grad, x, weight, s, p, [True, False, False])[0]
         if ctx.needs_input_grad[1]:
             grad_w = weight_grad_mm(grad, x, weight.shape[-1], s, p)
         return grad_x, grad_w, None, None
@@ -112,8 +116,7 @@ def time_shape(shape: tuple, dtype: torch.dtype, channels_last: bool) -> dict[st
     x = torch.randn(b, cin, h, w, dtype=dtype).to(memory_format=layout)
     weight = torch.randn(cout, cin, k, k, dtype=dtype).to(memory_format=layout)
     grad = torch.randn_like(F.conv2d(x, weight, None, s, p))
-    aten = lambda: torch.ops.aten.convolution_backward(grad, x, weight, None, [s, s], [p, p], [1, 1], False, [0, 0], 1,
-                                                       [False, True, False])
+    aten = lambda: onednn_grads(grad, x, weight, s, p, [False, True, False])
     return {"aten": 1000 * _seconds(aten), "matmul": 1000 * _seconds(lambda: weight_grad_mm(grad, x, k, s, p))}
 
 

@@ -40,7 +40,7 @@ def load_points(path: Path) -> dict[str, list[dict]]:
 
 def draw(series: dict[str, list[dict]], out: Path) -> Path:
     """Points of one CPU kind joined where they share a test set (the sample's and CIFAR-10's are not comparable)."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.4), dpi=110)
+    fig, ax = plt.subplots(figsize=(7.5, 5.2), dpi=110)
     for k, (cpu, points) in enumerate(series.items()):
         color = f"C{k}"
         full = [p for p in points if not p["sample"]]
@@ -53,8 +53,9 @@ def draw(series: dict[str, list[dict]], out: Path) -> Path:
             name = "" if name[0].isdigit() and "(" not in name else f"{name}: "  # "15 min" is the x axis already
             right = p["minutes"] > 40 or len(full) == 1  # left of the last points (else off the axes) and of a lone point
             below = k % 2 and not right  # odd series below, even above; the last labels above, clear of the one before
+            dy = 8 * (k // 2)  # each pair of series one line further out, so labels at one x do not overprint
             ax.annotate(f"{name}{p['acc']:.1f}% ({p['seeds']} seed{'s' * (p['seeds'] > 1)})", (p["minutes"], p["acc"]),
-                        textcoords="offset points", xytext=(-8 if right else 8, -11 if below else 5),
+                        textcoords="offset points", xytext=(-8 if right else 8, -11 - dy if below else 5 + dy),
                         ha="right" if right else "left", fontsize=7.5, color=color)
     ax.set_ylim(top=max(p["high"] for points in series.values() for p in points) + 3)  # room for the labels above
     ax.set_xscale("log")

@@ -38,9 +38,23 @@ def load_points(path: Path) -> dict[str, list[dict]]:
     return {cpu: sorted(points, key=lambda p: p["minutes"]) for cpu, points in series.items()}
 
 
+def spread(labels: list[dict], gap: float = 0.95) -> list[dict]:
+    """Labels that share a band of the x axis move apart, the lowest first, `gap` accuracy points at least. The bands:
+    the demo's; 5 and 15 minutes (their labels meet between them); 30; 60."""
+    columns = defaultdict(list)
+    for lab in labels:
+        columns[sum(lab["x"] >= edge for edge in (3, 25, 45))].append(lab)
+    for column in columns.values():
+        column.sort(key=lambda lab: lab["y"])
+        for low, high in zip(column, column[1:]):
+            high["y"] = max(high["y"], low["y"] + gap)
+    return labels
+
+
 def draw(series: dict[str, list[dict]], out: Path) -> Path:
     """Points of one CPU kind joined where they share a test set (the sample's and CIFAR-10's are not comparable)."""
     fig, ax = plt.subplots(figsize=(7.5, 5.2), dpi=110)
+    labels = []
     for k, (cpu, points) in enumerate(series.items()):
         color = f"C{k}"
         full = [p for p in points if not p["sample"]]
@@ -51,15 +65,15 @@ def draw(series: dict[str, list[dict]], out: Path) -> Path:
                         capsize=3, label=cpu if p is points[0] else None)
             name = "demo, sample test set" if p["sample"] else p["point"].replace("_", " ")
             name = "" if name[0].isdigit() and "(" not in name else f"{name}: "  # "15 min" is the x axis already
-            right = p["minutes"] > 40 or len(full) == 1  # left of the last points (else off the axes) and of a lone point
-            below = k % 2 and not right  # odd series below, even above; the last labels above, clear of the one before
-            dy = 8 * (k // 2)  # each pair of series one line further out, so labels at one x do not overprint
-            ax.annotate(f"{name}{p['acc']:.1f}% ({p['seeds']} seed{'s' * (p['seeds'] > 1)})", (p["minutes"], p["acc"]),
-                        textcoords="offset points", xytext=(-8 if right else 8, -11 - dy if below else 5 + dy),
-                        ha="right" if right else "left", fontsize=7.5, color=color)
+            left = 10 <= p["minutes"] < 25  # 15-minute labels left of their points: to their right lie 30 minutes' labels
+            labels.append({"x": p["minutes"], "y": p["acc"], "ha": "right" if left else "left", "color": color,
+                           "text": f"{name}{p['acc']:.1f}% ({p['seeds']} seed{'s' * (p['seeds'] > 1)})"})
+    for lab in spread(labels):
+        ax.annotate(lab["text"], (lab["x"], lab["y"]), textcoords="offset points", xytext=(-8 if lab["ha"] == "right" else 8, -3),
+                    ha=lab["ha"], fontsize=7.5, color=lab["color"])
     ax.set_ylim(top=max(p["high"] for points in series.values() for p in points) + 3)  # room for the labels above
     ax.set_xscale("log")
-    ax.set_xlim(0.8, 80)
+    ax.set_xlim(0.8, 170)  # room right of the hour for its labels
     ticks = [1, 2, 5, 15, 30, 60]
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.minorticks_off()

@@ -1,7 +1,7 @@
 """Pretrained weights as Hugging Face Hub folders: export, push, and load (locally or by repo id), safely.
 
-The package ships one such folder (BUNDLED_DIR: a narrow PreActResNet18 trained in 15 minutes on a
-CPU), used wherever `pretrained=True`, a bare `--pretrained`, or no checkpoint of one's own is given.
+The package ships one such folder (BUNDLED_DIR: PreActResNet18 at the paper's width, trained for an hour's steps on a
+2-core CPU), used wherever `pretrained=True`, a bare `--pretrained`, or no checkpoint of one's own is given.
 
 A pretrained folder holds exactly three files:
   model.safetensors  the weights (no pickle anywhere), with the same metadata as a training checkpoint
@@ -100,10 +100,11 @@ def _optional_rows(config: dict) -> str:
         rows.append(f"| bundled 2,000-image sample | {config['sample_accuracy']:.2f}% (its test split) |")
     if config.get("measured_by"):
         rows.append(f"| accuracies measured by | {config['measured_by']} |")
-    run = config.get("training") or {}  # what the bundled folder records of its run (steps, epochs, minutes, budget)
-    if run:
-        rows.append(f"| training | {run.get('steps', '?'):,} steps ({run.get('epochs', '?')} epochs), {run.get('minutes', '?')} min: "
-                    f"{run.get('budget', '')}; {run.get('cpu_kind', '')} |")
+    run = config.get("training")  # what the bundled folder records of its run (steps, epochs, minutes, budget, CPU kind)
+    if isinstance(run, dict) and run:
+        steps = f"{run['steps']:,}" if isinstance(run.get("steps"), int) else str(run.get("steps") or "?")
+        said = "; ".join(str(run[k]) for k in ("budget", "cpu_kind") if run.get(k))
+        rows.append(f"| training | {steps} steps ({run.get('epochs', '?')} epochs), {run.get('minutes', '?')} min{': ' * bool(said)}{said} |")
     for key, label in (("seed", "seed"), ("machine", "trained on"), ("weights_dtype", "weights stored as")):
         if config.get(key) not in (None, ""):
             rows.append(f"| {label} | {config[key]} |")
@@ -132,7 +133,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, half: bool = False) -> P
 
 # what config.json repeats from the weights' metadata
 CARRIED = ("model", "model_args", "classes", "mean", "std", "epoch", "test_accuracy", "selected_on", "data_description",
-           "command", "seed", "machine", "weights_dtype", "sample_accuracy", "measured_by")
+           "command", "seed", "machine", "weights_dtype", "sample_accuracy", "measured_by", "training")
 
 
 def record_accuracy(folder: str | Path, **measured) -> None:

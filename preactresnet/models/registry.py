@@ -63,7 +63,7 @@ def list_models() -> list[str]:
 
 def create_model(name: str, **overrides) -> nn.Module:
     """Build a registered model by name; keyword arguments override the factory's defaults.
-    pretrained=True loads the weights bundled with the package (a narrow preactresnet18), offline;
+    pretrained=True loads the weights bundled with the package (preactresnet18 at the paper's width), offline;
     pretrained="PATH_OR_REPO_ID" an exported folder or Hugging Face Hub repo; either comes in eval mode."""
     key = check_model_name(name, "model")
     try:

@@ -9,8 +9,7 @@ import torch
 import preactresnet
 from preactresnet.checkpoint import CheckpointError, read_metadata, save_weights
 from preactresnet.cli import main_export, main_test
-from preactresnet import hub
-from preactresnet.hub import export, load_pretrained_into
+from preactresnet.hub import export, load_pretrained_into, model_card
 from preactresnet.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,6 +126,6 @@ def test_the_model_cards_training_row_takes_what_is_recorded():
     """config.json's 'training' (steps, epochs, minutes, budget, CPU kind) becomes one card row; partial or odd ones do not crash it."""
     base = {"model": "preactresnet18", "model_args": {}, "classes": ["a"], "mean": [0], "std": [1]}
     full = {"steps": 4636, "epochs": 12, "minutes": 54.4, "budget": "an hour's steps", "cpu_kind": "AMX"}
-    assert "| training | 4,636 steps (12 epochs), 54.4 min: an hour's steps; AMX |" in hub.model_card({**base, "training": full})
-    assert "| training | ? steps (12 epochs), ? min |" in hub.model_card({**base, "training": {"epochs": 12}})
-    assert "| training |" not in hub.model_card({**base, "training": "a note"}) + hub.model_card(base)
+    assert "| training | 4,636 steps (12 epochs), 54.4 min: an hour's steps; AMX |" in model_card({**base, "training": full})
+    assert "| training | ? steps (12 epochs), ? min |" in model_card({**base, "training": {"epochs": 12}})
+    assert "| training |" not in model_card({**base, "training": "a note"}) + model_card(base)

@@ -26,7 +26,7 @@ from .models import check_model_name, create_model
 from .optim import build_optimizer
 from .profile import write_profile
 from .step import timing_parts, train_step
-from .system import cpu_flags, cpu_has_bf16, cpu_name, cuda_has_bf16, resolve_device, tune_malloc
+from .system import compile_module, cpu_flags, cpu_has_bf16, cpu_name, cuda_has_bf16, resolve_device, tune_malloc
 
 
 def gpu_report(device: torch.device | None) -> list[dict]:
@@ -143,7 +143,7 @@ def time_setting(model_name: str, width_mult: float, batch: int, device: torch.d
         model = create_model(model_name, width_mult=width_mult).to(device, memory_format=fmt)
         if c.get("conv_wgrad", "aten") != "aten":  # as train.py's --conv-wgrad (bench/conv_wgrad.py times it)
             convgrad.configure(model, c["conv_wgrad"], (3, 32, 32), batch, dtype, fmt == torch.channels_last, DistInfo())
-        step_model = torch.compile(model) if c["compile"] else model
+        step_model = compile_module(model) if c["compile"] else model
         opt = build_optimizer(optimizer or TrainConfig(optimizer="sgd", lr=0.01), model)
         parts = timing_parts(model, step_model, opt, device, dtype)
         images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=device)

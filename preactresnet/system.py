@@ -153,6 +153,25 @@ def flush_denormals(on: bool = True) -> bool:
     return torch.set_flush_denormal(on)
 
 
+def compile_module(module: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile(module), with inductor's C++ vector width pinned in its config first (pin_vector_width)."""
+    pin_vector_width()
+    return torch.compile(module)
+
+
+def pin_vector_width() -> int:
+    """Inductor's cache key leaves out the vector ISA it writes C++ kernels for (torch 2.5-2.14): a kernel cached at
+    AVX512's width and loaded under AVX2 (ATEN_CPU_CAPABILITY=avx2, or one cache dir shared by hosts of two kinds)
+    is rebuilt at the other width and gives wrong numbers (NaN in training) or corrupts the heap. cpp.simdlen is in
+    the key: set to the width inductor picks anyway, each width gets its own cache entries. Returns it in bits."""
+    from torch._inductor import config
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    if config.cpp.simdlen is None:
+        config.cpp.simdlen = pick_vec_isa().bit_width()  # 0: no vector ISA (inductor then picks none, as before)
+    return config.cpp.simdlen
+
+
 def process_age() -> float | None:
     """Seconds since this process started (read from /proc on Linux; None where there is none)."""
     try:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -125,3 +127,29 @@ def test_a_budget_run_compiles_when_it_pays_and_pays_the_compilation_from_its_bu
     assert t.step > 0.9 * (600 - COMPILING - 3) / 2.5, "planned at the compiled speed"
     cfg, explicit = parse_args(run_args(tmp_path, "--resume", str(tmp_path / "ck" / "auto")))
     assert resolve_config(cfg, explicit, DistInfo()).cfg.compile == "on", "a resume compiles the step its plan was made for"
+
+
+_ONE_KERNEL_SET = """
+import torch
+from preactresnet.system import compile_module
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Flatten(),
+                          torch.nn.Linear(800, 10))
+x = torch.randn(5, 3, 10, 10)
+print((compile_module(net)(x) - net(x)).abs().max().item())
+"""
+
+
+@pytest.mark.slow(25)
+def test_a_cache_shared_by_two_vector_widths_gives_each_its_own_kernels(tmp_path):
+    """Three processes share one inductor cache, the second with AVX2's kernels (ATEN_CPU_CAPABILITY), as hosts of two
+    kinds sharing a cache dir would: each computes what eager computes. Without system.pin_vector_width, on an AVX512
+    host the second rebuilt the first's cached AVX512 kernels for AVX2 (off by 1.1; NaN in training) and the third,
+    the other way round, corrupted its heap (free(): invalid next size)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")}
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor")
+    for capability in (None, "avx2", None):
+        run = subprocess.run([sys.executable, "-c", _ONE_KERNEL_SET], capture_output=True, text=True, timeout=300,
+                             env={**env, "ATEN_CPU_CAPABILITY": capability} if capability else env)
+        assert run.returncode == 0, (capability, run.stderr[-800:])
+        assert float(run.stdout.split()[-1]) < 1e-4, (capability, run.stdout)

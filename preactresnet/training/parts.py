@@ -25,7 +25,7 @@ from ..models import create_model
 from ..optim import FUSED_KERNELS, build_ema, build_lookahead, build_mixup, build_optimizer, build_scheduler, fused_refusal
 from ..plan import RunPlan
 from ..system import (
-    apply_process_settings, machine_description, process_age, resolve_amp, resolve_device, seed_everything, set_deterministic, tune_malloc,
+    apply_process_settings, compile_module, machine_description, process_age, resolve_amp, resolve_device, seed_everything, set_deterministic, tune_malloc,
 )
 from ..whitening import whiten_stem_
 from ..step import StepParts
@@ -125,7 +125,7 @@ class Network:
 
     def compile(self) -> Network:
         """The same network with its step compiled (torch.compile, inductor)."""
-        return dataclasses.replace(self, train_module=torch.compile(self.train_module), compiled=True)
+        return dataclasses.replace(self, train_module=compile_module(self.train_module), compiled=True)
 
 
 def build_network(cfg: TrainConfig, dist: DistInfo, startup: Startup, data: Dataset, fresh: bool, out) -> Network:

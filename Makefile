@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-oldest bench clean
+.PHONY: install demo test test-avx2 test-oldest bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ demo: $(STAMP)  ## the best narrow PreActResNet18 that 70 s of training on the b
 test: $(STAMP)  ## the whole test suite, one worker per core (needs ../shared/data/cifar10-jpeg.tar.gz or CIFAR10_JPEG for the real-data tests)
 	@# pytest exits 5 when it collects no tests: report it, but it is no failure of the code
 	$(BIN)/python -m pytest -n auto --maxschedchunk 1; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+
+test-avx2: $(STAMP)  ## the suite on AVX2's kernels (most laptops), emulated on a CPU with AVX512 or AMX
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(MAKE) test
 
 OLDEST := .venv-oldest
 $(OLDEST)/.installed: requirements.txt requirements-oldest.txt pyproject.toml

@@ -38,12 +38,21 @@ def load_points(path: Path) -> dict[str, list[dict]]:
     return {cpu: sorted(points, key=lambda p: p["minutes"]) for cpu, points in series.items()}
 
 
+# The x axis's label bands, by the minute each starts at: the alignment of its labels (right: they sit left of their
+# points) and the column whose labels move apart. 15 minutes' labels sit left of their points, as 30 minutes' lie to
+# their right, and so meet 5 minutes' labels between the two: one column.
+BANDS = ((0, "left", "demo"), (3, "left", "5-15"), (10, "right", "5-15"), (25, "left", "30"), (45, "left", "60"))
+
+
+def band(minutes: float) -> tuple[float, str, str]:
+    return [b for b in BANDS if minutes >= b[0]][-1]
+
+
 def spread(labels: list[dict], gap: float = 0.95) -> list[dict]:
-    """Labels that share a band of the x axis move apart, the lowest first, `gap` accuracy points at least. The bands:
-    the demo's; 5 and 15 minutes (their labels meet between them); 30; 60."""
+    """Labels of one column of BANDS move apart, the lowest first, `gap` accuracy points at least."""
     columns = defaultdict(list)
     for lab in labels:
-        columns[sum(lab["x"] >= edge for edge in (3, 25, 45))].append(lab)
+        columns[band(lab["x"])[2]].append(lab)
     for column in columns.values():
         column.sort(key=lambda lab: lab["y"])
         for low, high in zip(column, column[1:]):
@@ -65,8 +74,7 @@ def draw(series: dict[str, list[dict]], out: Path) -> Path:
                         capsize=3, label=cpu if p is points[0] else None)
             name = "demo, sample test set" if p["sample"] else p["point"].replace("_", " ")
             name = "" if name[0].isdigit() and "(" not in name else f"{name}: "  # "15 min" is the x axis already
-            left = 10 <= p["minutes"] < 25  # 15-minute labels left of their points: to their right lie 30 minutes' labels
-            labels.append({"x": p["minutes"], "y": p["acc"], "ha": "right" if left else "left", "color": color,
+            labels.append({"x": p["minutes"], "y": p["acc"], "ha": band(p["minutes"])[1], "color": color,
                            "text": f"{name}{p['acc']:.1f}% ({p['seeds']} seed{'s' * (p['seeds'] > 1)})"})
     for lab in spread(labels):
         ax.annotate(lab["text"], (lab["x"], lab["y"]), textcoords="offset points", xytext=(-8 if lab["ha"] == "right" else 8, -3),

@@ -271,15 +271,44 @@ def test_a_stop_is_agreed_within_seconds_between_log_lines(tmp_path):
     assert state["step"] == step0 and [r["loader"]["batch"] for r in state["ranks"]] == [step0, step0]
 
 
+def _signal_after_an_agreement(rank, argv):
+    """Rank 1 gets SIGTERM just after the ranks agreed, at the end of the epoch's steps, not to stop."""
+    t, sent = _build(argv), []
+    agreed = t.stop.agreed
+
+    def late(summed):
+        decided = agreed(summed)
+        if rank == 1 and t.step == 3 and not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)  # its handler runs before this returns
+            t.signalled = time.monotonic()
+        return decided
+
+    t.stop.agreed = late
+    return _fit_until_stopped(t)
+
+
+def test_a_signal_just_after_an_agreement_waits_for_the_next_one(tmp_path):
+    """A SIGTERM between the ranks' agreement and the branch it decides: had rank 1 acted on it alone, it would save
+    (a gather) while rank 0 evaluates (an all-reduce), and both would wait for the process group's timeout. It is
+    carried to the next agreement, before the first evaluation batch: both stop there, at step 3, and save."""
+    argv = [*COMMON, *outputs(tmp_path), "--batch-size", "8", "--epochs", "2", "--log-interval", "50"]
+    (step0, _), (step1, took) = run_ranks(_signal_after_an_agreement, 2, argv, timeout=60)
+    assert step0 == step1 == 3 and took is not None and took < 10, (step0, step1, took)
+    state = load_state(next((tmp_path / "ck").glob("*/last.state.pt")))
+    assert state["step"] == 3 and [r["loader"]["batch"] for r in state["ranks"]] == [3, 3]
+
+
 def _torchrun(nproc: int, *args: str, node: tuple[int, int] | None = None) -> list[str]:
     where = ["--standalone"] if node is None else ["--nnodes", "2", "--node_rank", str(node[0]), "--master_addr",
                                                    "127.0.0.1", "--master_port", str(node[1])]
     return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc_per_node={nproc}", str(ROOT / "train.py"), *args]
 
 
-@pytest.mark.slow(28)
-def test_sigterm_under_torchrun_saves_mid_epoch_and_resumes_bit_identically(tmp_path, capsys):
-    """What a cluster does: SIGTERM to the launcher at a random step; both ranks stop at the same step
+@pytest.mark.slow(35)
+def test_sigterm_under_torchrun_saves_and_resumes_bit_identically(tmp_path, capsys):
+    """What a cluster does: SIGTERM to the launcher at a random step; both ranks stop at the same step (mid-epoch,
+    at an epoch's start or in its evaluation: wherever the signal lands)
     and exit by themselves (not killed by the launcher after its 30 s grace), rank 0 saves every rank's stream; a 2-process resume matches an unbroken run bit for bit,
     and a 1-process resume is refused in one line (README: resume on the same number of processes)."""
     demo = [  # 36 steps: the stop may land in any epoch; the test, reading a pipe on a busy CPU, may see 'step 10' seconds late
@@ -308,7 +337,7 @@ def test_sigterm_under_torchrun_saves_mid_epoch_and_resumes_bit_identically(tmp_
     assert launcher.returncode != 0 and "stopped: saved" in rest, rest[-3000:]
     state = load_state(tmp_path / "ck" / "cut" / "last.state.pt")
     batch, step = state["ranks"][0]["loader"]["batch"], state["step"]
-    assert state["world_size"] == 2 and at <= step < 36 and step == 12 * state["epoch"] + batch, (at, state["epoch"], batch)
+    assert state["world_size"] == 2 and at <= step <= 36 and step == 12 * state["epoch"] + batch, (at, state["epoch"], batch)
     assert [r["loader"]["batch"] for r in state["ranks"]] == [batch, batch]
     assert not torch.equal(state["ranks"][0]["loader"]["generator"], state["ranks"][1]["loader"]["generator"])
 

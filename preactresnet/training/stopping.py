@@ -45,26 +45,29 @@ class StopControl:
     the run finishes the step, saves and exits with 128 + the signal's number (143 or 130). A second Ctrl-C
     stops at once; a repeated SIGTERM changes nothing. Under torchrun the ranks agree (host values through
     gloo, no GPU synchronization): between steps about once a second, before each evaluation batch, and on
-    the flag that rides with the loss's all-reduce, so every rank stops at the same step."""
+    the flag that rides with the loss's all-reduce, so every rank stops at the same step. The signal's request
+    (`signalled`) is kept apart from the ranks' decision (`requested`): a signal that lands during or after an
+    agreement is carried to the next one, never lost or acted on by one rank alone."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, dist: DistInfo):
         self.dist = dist
-        self.requested = False  # by a signal here, or (once agreed) on any rank
+        self.signalled = False  # a signal reached this process
+        self.requested = False  # the decision to stop: this process's signal alone, or agreed by the ranks
         self.signum = signal.SIGTERM
         self.agreement = Agreement(dist)  # when the ranks compare their requests between steps
         self._previous: dict = {}
 
     def poll(self) -> bool:
         """Between two steps: at once alone; under torchrun whether any rank asked, within about a second."""
-        if self.agreement.poll(self.requested):
+        if self.agreement.poll(self.signalled):
             self.requested = True
         return self.requested
 
     def flag(self, device) -> torch.Tensor:
         """This rank's request as a tensor, to ride with an all-reduce the loop makes anyway."""
-        return torch.full((), float(self.requested), device=device)
+        return torch.full((), float(self.signalled or self.requested), device=device)
 
     def agree_now(self, device, all_reduce) -> bool:
         """At an epoch's start: whether to stop (under torchrun: any rank's request, e.g. from the last epoch's end)."""
@@ -74,7 +77,7 @@ class StopControl:
 
     def agreed(self, summed: float) -> bool:
         """The all-reduced flag: any rank's request is every rank's."""
-        self.requested = summed > 0
+        self.requested = self.requested or summed > 0
         return self.requested
 
     def before_batches(self, loader) -> Callable[[int], bool] | None:
@@ -83,7 +86,7 @@ class StopControl:
         if loader is None:
             return None
         common = math.ceil(len(loader.labels) // self.dist.world_size / loader.batch_size)
-        return lambda i: i < common and self.agreed(float(self.agreement.meet(self.requested)))
+        return lambda i: i < common and self.agreed(float(self.agreement.meet(self.signalled)))
 
     def __enter__(self):
         for sig in self.SIGNALS:
@@ -94,11 +97,12 @@ class StopControl:
         return self
 
     def _handler(self, signum, frame):
-        if self.requested:
+        if self.signalled:
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
             return
-        self.requested, self.signum = True, signum
+        self.signalled, self.signum = True, signum
+        self.requested = self.requested or not self.dist.enabled  # alone nothing to agree on; under torchrun the ranks decide
         name = "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name
         again = " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
         print(f"\n{name}: finishing this step, saving, then exiting{again}", file=sys.stderr, flush=True)

@@ -159,12 +159,12 @@ def compile_module(module: torch.nn.Module) -> torch.nn.Module:
     return torch.compile(module)
 
 
-def pin_vector_width() -> int:
+def pin_vector_width() -> None:
     """Inductor's cache key leaves out the vector ISA it writes C++ kernels for (torch 2.5-2.14): a kernel cached at
     AVX512's width and loaded at AVX2's (one cache dir shared by hosts of two kinds; on torch 2.14 also a run under
     ATEN_CPU_CAPABILITY=avx2 after one without) is rebuilt at the other width and gives wrong numbers (NaN in
     training) or corrupts the heap. cpp.simdlen is in the key: set to the width inductor picks anyway, each width gets
-    its own cache entries. Returns it in bits (0: no vector ISA, or no C++ compiler to find one with)."""
+    its own cache entries. Left unset where no C++ compiler can tell the ISA."""
     from torch._inductor import config
     from torch._inductor.cpu_vec_isa import pick_vec_isa
 
@@ -172,8 +172,7 @@ def pin_vector_width() -> int:
         try:
             config.cpp.simdlen = pick_vec_isa().bit_width()  # 0: no vector ISA (inductor then picks none, as before)
         except Exception:  # noqa: BLE001 - e.g. a GPU image without g++: its CPU kernels are inductor's own business
-            return 0
-    return config.cpp.simdlen
+            pass
 
 
 def process_age() -> float | None:

@@ -1,6 +1,7 @@
 import pytest
 import timm
 import torch
+from test_demo import AVX2
 
 import preactresnet
 from preactresnet.models import PreActResNet, ResNeXt, count_params, create_model, list_models
@@ -107,7 +108,7 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("ic,kernels", [(8, {}), (4, {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"})],
+@pytest.mark.parametrize("ic,kernels", [(8, {}), (4, AVX2)],
                          ids=["avx512-segfault-shape", "avx2-hang-shape"])
 def test_a_strided_1x1_conv_with_few_channels_trains_in_channels_last(ic, kernels):
     """The projection shortcut of a narrow network (PreActResNet18 x0.125: 8 -> 16 channels; x0.0625: 4 -> 8) in

@@ -164,14 +164,13 @@ def pin_vector_width() -> None:
     AVX512's width and loaded at AVX2's (one cache dir shared by hosts of two kinds; on torch 2.14 also a run under
     ATEN_CPU_CAPABILITY=avx2 after one without) is rebuilt at the other width and gives wrong numbers (NaN in
     training) or corrupts the heap. cpp.simdlen is in the key: set to the width inductor picks anyway, each width gets
-    its own cache entries. Left unset where no C++ compiler can tell the ISA, and on a torch whose inductor ignores
-    ATEN_CPU_CAPABILITY (2.5): there a set simdlen broke DDP's compiled step ("DDPOptimizer backend: Found a higher
-    order op"), so a cache dir shared by two kinds of host stays unsafe on it."""
-    from torch._inductor import config, cpu_vec_isa
+    its own cache entries. Left unset where no C++ compiler can tell the ISA."""
+    from torch._inductor import config
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
 
-    if config.cpp.simdlen is None and hasattr(cpu_vec_isa, "get_isa_from_cpu_capability"):
+    if config.cpp.simdlen is None:
         try:
-            config.cpp.simdlen = cpu_vec_isa.pick_vec_isa().bit_width()  # 0: no vector ISA (inductor then picks none, as before)
+            config.cpp.simdlen = pick_vec_isa().bit_width()  # 0: no vector ISA (inductor then picks none, as before)
         except Exception:  # noqa: BLE001 - e.g. a GPU image without g++: its CPU kernels are inductor's own business
             pass
 

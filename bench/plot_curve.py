@@ -62,7 +62,7 @@ def spread(labels: list[dict], gap: float = 0.95) -> list[dict]:
 
 def draw(series: dict[str, list[dict]], out: Path) -> Path:
     """Points of one CPU kind joined where they share a test set (the sample's and CIFAR-10's are not comparable)."""
-    fig, ax = plt.subplots(figsize=(7.5, 5.2), dpi=110)
+    fig, ax = plt.subplots(figsize=(9, 5.4), dpi=110)
     labels = []
     for k, (cpu, points) in enumerate(series.items()):
         color = f"C{k}"

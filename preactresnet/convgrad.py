@@ -155,6 +155,23 @@ def use_matmul(model: nn.Module, names: set[str]) -> nn.Module:
     return model
 
 
+def ddp_compile_refuses_matmul() -> bool:
+    """Whether this torch's compiled DDP refuses MatmulGradConv2d: its DDPOptimizer raised on any higher-order op (as
+    a traced autograd.Function is) until a later release took them (seen: 2.5.1 raises, 2.14.1 takes them). Read
+    from the code that raises, not from a version number."""
+    from torch._dynamo.backends.distributed import DDPOptimizer
+
+    return "has_higher_order_op" in DDPOptimizer.compile_fn.__code__.co_names
+
+
+def use_aten(model: nn.Module) -> int:
+    """Switch every MatmulGradConv2d back to nn.Conv2d (oneDNN's weight gradient) in place; how many there were."""
+    switched = [m for m in model.modules() if type(m) is MatmulGradConv2d]
+    for module in switched:
+        module.__class__ = nn.Conv2d
+    return len(switched)
+
+
 def configure(model: nn.Module, setting: str, image: tuple, batch: int, dtype: torch.dtype | None, channels_last: bool,
               dist: DistInfo) -> str:
     """Apply --conv-wgrad to a CPU model (under torchrun rank 0 times and the others follow)."""

@@ -103,7 +103,7 @@ def test_a_budget_run_compiles_when_it_pays_and_pays_the_compilation_from_its_bu
     torch.compile itself replaced by a marker (the real one has its own tests), so the test times nothing real."""
     compiled_once = []
 
-    def fake_compile(net):
+    def fake_compile(net, out):
         return dataclasses.replace(net, compiled=True)
 
     def step_seconds(t):

@@ -76,7 +76,7 @@ class Trainer:
     def _timed(self, compiled: bool, seconds: float) -> Timing:
         """The calibration of the eager or compiled step (budget.calibrate); the run starts over after it."""
         if compiled and not self.net.compiled:
-            self.net = self.net.compile()
+            self.net = self.net.compile(self.out)
             self.step_parts = build_step_parts(self.cfg, self.dist, self.startup, self.net, self.data.num_classes, self.plan)
         self.net.model.train()
         return calibrate(self._step, self.evaluate_epoch, self.loaders.train, self.loaders.steps_per_epoch, self.dist,

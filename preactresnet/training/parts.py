@@ -17,7 +17,7 @@ from timm.loss import SoftTargetCrossEntropy
 
 from ..checkpoint import WeightsMeta, portable_path
 from ..config import TrainConfig
-from ..convgrad import configure as configure_conv_wgrad
+from ..convgrad import configure as configure_conv_wgrad, ddp_compile_refuses_matmul, use_aten
 from ..data import BatchAugment, Dataset, TensorLoader, load_dataset
 from ..distributed import DistInfo, all_reduce_sum, wait_for_data
 from ..hub import load_pretrained_into
@@ -123,8 +123,12 @@ class Network:
     model_args: dict  # create_model's arguments, saved with the weights
     compiled: bool = False  # train_module is torch.compile's
 
-    def compile(self) -> Network:
+    def compile(self, out: Callable[[str], None]) -> Network:
         """The same network with its step compiled (torch.compile, inductor)."""
+        ddp = isinstance(self.train_module, nn.parallel.DistributedDataParallel)
+        if ddp and ddp_compile_refuses_matmul() and (n := use_aten(self.model)):
+            out(f"--conv-wgrad: oneDNN's weight gradients for the {n} convs that had the matmul: torch {torch.__version__}'s "
+                "compiled DDP refuses its autograd.Function (DDPOptimizer: 'Found a higher order op')")
         return dataclasses.replace(self, train_module=compile_module(self.train_module), compiled=True)
 
 
@@ -154,7 +158,7 @@ def build_network(cfg: TrainConfig, dist: DistInfo, startup: Startup, data: Data
         seed_everything(cfg.seed + dist.rank)  # different dropout masks on each rank
         all_reduce = all_reduce_sum
     net = Network(model, train_module, all_reduce, model_args)
-    return net.compile() if cfg.compile == "on" else net  # "auto": a --time-budget run's calibration chooses
+    return net.compile(out) if cfg.compile == "on" else net  # "auto": a --time-budget run's calibration chooses
 
 
 def build_step_parts(cfg: TrainConfig, dist: DistInfo, startup: Startup, net: Network, num_classes: int,

@@ -10,6 +10,7 @@ weights, their names and the forward pass are unchanged: only the backward pass 
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -159,9 +160,16 @@ def ddp_compile_refuses_matmul() -> bool:
     """Whether this torch's compiled DDP refuses MatmulGradConv2d: its DDPOptimizer raised on any higher-order op (as
     a traced autograd.Function is) until a later release took them (seen: 2.5.1 raises, 2.14.1 takes them). Read
     from the code that raises, not from a version number."""
-    from torch._dynamo.backends.distributed import DDPOptimizer
+    import torch._dynamo
 
-    return "has_higher_order_op" in DDPOptimizer.compile_fn.__code__.co_names
+    if not torch._dynamo.config.optimize_ddp:  # no DDPOptimizer: one graph, which takes the Function
+        return False
+    try:
+        from torch._dynamo.backends.distributed import DDPOptimizer
+
+        return "has_higher_order_op" in inspect.unwrap(DDPOptimizer.compile_fn).__code__.co_names
+    except Exception:  # noqa: BLE001 - moved or wrapped in a later torch: oneDNN's gradient costs speed, a refusal the run
+        return True
 
 
 def use_aten(model: nn.Module) -> int:

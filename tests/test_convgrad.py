@@ -102,3 +102,28 @@ def test_ineligible_convs_are_left_alone():
     assert not convgrad.eligible(grouped) and not convgrad.eligible(nn.Conv2d(3, 8, 3, bias=True))
     assert not convgrad.eligible(nn.Conv2d(3, 8, 3, padding="same", bias=False))
     assert convgrad.eligible(nn.Conv2d(3, 8, 3, padding=1, bias=False))
+
+
+def test_whether_compiled_ddp_refuses_the_matmul_is_read_from_torchs_own_code(monkeypatch):
+    """2.5.1's DDPOptimizer raises on any higher-order op, 2.14.1's splits around it: read from compile_fn's code
+    (through a wrapper), no where DDPOptimizer is off, and yes (oneDNN's gradient, slower but safe) where unreadable."""
+    import functools
+
+    import torch._dynamo
+    from torch._dynamo.backends.distributed import DDPOptimizer
+
+    def refusing(self, gm, example_inputs):
+        if has_higher_order_op(gm):  # noqa: F821 - never called: only its code's names are read
+            raise NotImplementedError
+
+    def taking(self, gm, example_inputs):
+        return gm
+
+    for fn, refused in ((refusing, True), (taking, False)):
+        monkeypatch.setattr(DDPOptimizer, "compile_fn", functools.wraps(fn)(lambda *a: fn(*a)))
+        assert convgrad.ddp_compile_refuses_matmul() is refused
+    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", False)
+    assert convgrad.ddp_compile_refuses_matmul() is False
+    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)
+    monkeypatch.setattr(DDPOptimizer, "compile_fn", property(lambda self: None))  # no code to read
+    assert convgrad.ddp_compile_refuses_matmul() is True

@@ -122,8 +122,7 @@ def test_whether_compiled_ddp_refuses_the_matmul_is_read_from_torchs_own_code(mo
     for fn, refused in ((refusing, True), (taking, False)):
         monkeypatch.setattr(DDPOptimizer, "compile_fn", functools.wraps(fn)(lambda *a: fn(*a)))
         assert convgrad.ddp_compile_refuses_matmul() is refused
-    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", False)
-    assert convgrad.ddp_compile_refuses_matmul() is False
-    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)
+    with torch._dynamo.config.patch(optimize_ddp=False):  # torch's own patch: a plain setattr's undo breaks its config
+        assert convgrad.ddp_compile_refuses_matmul() is False
     monkeypatch.setattr(DDPOptimizer, "compile_fn", property(lambda self: None))  # no code to read
     assert convgrad.ddp_compile_refuses_matmul() is True

@@ -126,7 +126,7 @@ def run_one(args, row: str, seed: int, workdir: Path) -> dict:
         "raw_test_acc": float(last["test_acc"]),
         "ema_test_acc": float(last["ema_test_acc"]) if last.get("ema_test_acc") else None,
         "tta_acc": float(tta[0].split()[3].rstrip("%")) if tta else None,
-        "by_epoch": [float(r["test_acc"]) for r in history],
+        "by_epoch": [float(r["test_acc"]) for r in history if r["test_acc"]],  # the epochs evaluated (--eval-every)
         "images_per_sec": statistics.mean(float(r["images_per_sec"]) for r in history),
         "train_eval_seconds": float(last["elapsed_seconds"]), "wall_seconds": round(time.perf_counter() - start, 1),
         "cpu": cpu_kind(), "command": " ".join(cmd[1:]),

@@ -12,6 +12,7 @@ A run given its length (--epochs, --total-steps) has a fixed plan and never re-p
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import time
@@ -42,19 +43,30 @@ def timed_seconds(budget_seconds: float) -> float:
 @dataclass(frozen=True)
 class Calibration:
     seconds_per_step: float
-    eval_seconds: float  # one end of an epoch: evaluation, and once measured its log and checkpoint
+    eval_seconds: float  # one evaluation
     batch_size: int
+    end_seconds: float = 0.0  # one epoch end's log and checkpoint, once measured
+    eval_every: int = 1  # --eval-every: which epoch ends evaluate (the last always does)
 
     @property
     def images_per_sec(self) -> float:
         return self.batch_size / self.seconds_per_step
 
+    def ends_seconds(self, ended: int, last: int) -> float:
+        """Seconds of the epoch ends after the `ended` ones done up to the `last`, which evaluates; of the others every
+        `eval_every`-th evaluates (0: none), and each has its log and checkpoint."""
+        if last <= ended:
+            return 0.0
+        every = self.eval_every
+        evaluated = 1 + ((last - 1) // every - ended // every if every else 0)
+        return (last - ended) * self.end_seconds + evaluated * self.eval_seconds
+
 
 def fit_steps(seconds: float, step: int, ended: int, steps_per_epoch: int, cal: Calibration, least: int) -> int:
     """The most steps in all (at least `least`) whose steps after `step` and epoch ends after the `ended` ones
-    already done fit in `seconds`: each epoch begun ends with an evaluation, the last may be partial."""
+    already done fit in `seconds`: each epoch begun ends (its evaluation as --eval-every says), the last may be partial."""
     def total(n: int) -> int:  # the steps that fit with n epoch ends still to come
-        return step + math.floor((seconds - n * cal.eval_seconds) / cal.seconds_per_step)
+        return step + math.floor((seconds - cal.ends_seconds(ended, ended + n)) / cal.seconds_per_step)
 
     def fits(n: int) -> bool:  # n ends fit if their last epoch gets a step; true up to some n, false after
         return total(n) >= max((ended + n - 1) * steps_per_epoch + 1, step + 1)
@@ -70,7 +82,7 @@ def fit_steps(seconds: float, step: int, ended: int, steps_per_epoch: int, cal: 
 
 def expected_seconds(total: int, step: int, ended: int, steps_per_epoch: int, cal: Calibration) -> float:
     """Seconds from now to the end of a plan of `total` steps: its steps left and its epoch ends left."""
-    return (total - step) * cal.seconds_per_step + (math.ceil(total / steps_per_epoch) - ended) * cal.eval_seconds
+    return (total - step) * cal.seconds_per_step + cal.ends_seconds(ended, math.ceil(total / steps_per_epoch))
 
 
 def first_plan(budget_seconds: float, cfg: TrainConfig, steps_per_epoch: int, cal: Calibration) -> RunPlan:
@@ -144,9 +156,11 @@ class TimeBudget:
         self.window = (spent, step, paused + seconds)
         self.after_eval = seconds
 
-    def check(self, step: int, ended: int, eval_seconds: float | None = None, device: torch.device | None = None) -> str | None:
+    def check(self, step: int, ended: int, eval_seconds: float | None = None, device: torch.device | None = None,
+              epoch_end: bool = False) -> str | None:
         """Measure the stretch since the last check; re-plan if the expected finish left BAND. `ended`: epoch ends
-        done; `eval_seconds`: the evaluation just done (at an epoch end). Returns the line to print, if any."""
+        done; `epoch_end`: at one (its log and checkpoint to come); `eval_seconds`: the evaluation it just did, if any.
+        Returns the line to print, if any."""
         if device is not None:
             synchronize(device)  # the clock must count the work queued so far
         spent, _, paused = self.window
@@ -155,10 +169,12 @@ class TimeBudget:
         self.marks = [*self.marks[-SPEED_CHECKS:], (stepping, step)]
         (t0, s0), (t1, s1) = self.marks[0], self.marks[-1]
         per_step = (t1 - t0) / (s1 - s0) if s1 > s0 else self.speed.seconds_per_step
-        end_cost = eval_seconds + self.after_eval if eval_seconds is not None else self.speed.eval_seconds
-        pending = self.after_eval if eval_seconds is not None else 0.0  # this epoch's log and checkpoint, to come
-        now, per_step, end_cost = all_reduce_max([now + pending, per_step, end_cost], self.dist)  # the slowest rank's
-        self.speed = Calibration(max(per_step, 1e-9), end_cost, self.calibration.batch_size)
+        eval_cost = eval_seconds if eval_seconds is not None else self.speed.eval_seconds
+        pending = self.after_eval if epoch_end else 0.0  # this epoch's log and checkpoint, to come
+        now, per_step, eval_cost, end_cost = all_reduce_max([now + pending, per_step, eval_cost, self.after_eval],
+                                                            self.dist)  # the slowest rank's
+        self.speed = dataclasses.replace(self.calibration, seconds_per_step=max(per_step, 1e-9), eval_seconds=eval_cost,
+                                         end_seconds=end_cost)
         self.window, self.next_check = (self.clock.spent(), step, 0.0), step + self._every()
         return self._replan(now, step, ended)
 
@@ -178,7 +194,7 @@ class TimeBudget:
         self.next_check = step + self._every()
         why = "ahead of" if finish < self.seconds else "behind"
         return (f"time budget: {now:.1f} of {self.seconds:.0f}s spent at step {step}, {self.speed.images_per_sec:.0f} "
-                f"images/s and {self.speed.eval_seconds:.1f}s per epoch end measured, {why} the plan (it would end at "
+                f"images/s and {self.speed.eval_seconds:.1f}s per evaluation measured, {why} the plan (it would end at "
                 f"{finish:.1f}s): {total} steps ({total / spe:.2f} epochs) in all, was {was}")
 
     def record(self) -> dict:
@@ -201,18 +217,21 @@ class TimeBudget:
     def state_dict(self) -> dict:
         c, s = self.calibration, self.speed
         return {"seconds": self.seconds, "calibration": [c.seconds_per_step, c.eval_seconds, c.batch_size],
-                "speed": [s.seconds_per_step, s.eval_seconds, s.batch_size], "after_eval": self.after_eval,
+                "speed": [s.seconds_per_step, s.eval_seconds, s.batch_size, s.end_seconds], "after_eval": self.after_eval,
                 "replans": self.replans, "compiled": self.compiled}
 
     @classmethod
-    def from_state(cls, saved: dict, plan: RunPlan, dist: DistInfo, clock: RunClock) -> TimeBudget | None:
+    def from_state(cls, saved: dict, plan: RunPlan, dist: DistInfo, clock: RunClock, eval_every: int = 1) -> TimeBudget | None:
         """A resumed run's budget as its training state saved it (None: the run had none, or was saved before the
-        closed loop, and keeps the plan it saved)."""
+        closed loop, and keeps the plan it saved); `eval_every`: the resumed run's --eval-every."""
         if not (saved.get("plan") and saved.get("budget")):
             return None
         state = saved["budget"]
-        budget = cls(state["seconds"], Calibration(*state["calibration"]), plan, dist, clock, state.get("compiled", False))
-        budget.speed, budget.after_eval, budget.replans = Calibration(*state["speed"]), state["after_eval"], state["replans"]
+        calibration = Calibration(*state["calibration"], eval_every=eval_every)
+        budget = cls(state["seconds"], calibration, plan, dist, clock, state.get("compiled", False))
+        # a state saved before --eval-every has 3 figures: its evaluation's held the end's log and checkpoint, as planned then
+        budget.speed = Calibration(*state["speed"], eval_every=eval_every)
+        budget.after_eval, budget.replans = state["after_eval"], state["replans"]
         return budget
 
 
@@ -259,7 +278,7 @@ def plan_budget(cfg: TrainConfig, dist: DistInfo, device: torch.device, timed: C
     asked = parse_duration(cfg.time_budget)
     choice = choose(cfg, dist, device, asked, lambda compiled: timed(compiled, timed_seconds(asked)))
     budget = asked - choice.charged
-    cal = Calibration(choice.timing.seconds_per_step, choice.timing.eval_seconds, cfg.batch_size)
+    cal = Calibration(choice.timing.seconds_per_step, choice.timing.eval_seconds, cfg.batch_size, eval_every=cfg.eval_every)
     plan = first_plan(budget, cfg, steps_per_epoch, cal)  # the same on every rank
     if choice.line:
         out(choice.line)
@@ -267,9 +286,10 @@ def plan_budget(cfg: TrainConfig, dist: DistInfo, device: torch.device, timed: C
         out(f"time budget {cfg.time_budget} is shorter than one epoch here: training {plan.total_steps} of its "
             f"{plan.steps_per_epoch} steps, then one evaluation")
     paid = f" ({budget:.0f}s left after {choice.charged:.0f}s of compiling)" if choice.charged else ""
+    every = {0: " (evaluating after the last epoch only)", 1: ""}.get(cfg.eval_every, f" (evaluating every {cfg.eval_every} epochs)")
     out(
         f"time budget {cfg.time_budget}{paid}: {cal.images_per_sec:.0f} images/s and {cal.eval_seconds:.1f}s per evaluation "
-        f"measured, so {plan.total_steps} steps ({plan.total_steps / plan.steps_per_epoch:.2f} epochs) to start with; "
+        f"measured{every}, so {plan.total_steps} steps ({plan.total_steps / plan.steps_per_epoch:.2f} epochs) to start with; "
         f"the run re-plans from its own progress every {CHECK_SHARE:.1%} of its steps and at each epoch end"
     )
     return TimeBudget(budget, cal, plan, dist, clock, choice.compiled)

@@ -123,6 +123,8 @@ class TrainConfig:
     fig_dir: str = setting("fig", OUTPUT, "where figures go")
     figures: bool = setting(True, OUTPUT, "write the figures (augmented batch, training curves); --no-figures for sweeps and smoke tests")
     log_interval: int = setting(50, OUTPUT, "steps between training-loss logs")
+    eval_every: int = setting(1, OUTPUT, "evaluate every N epochs and after the last (0: after the last only); "
+                              "a --time-budget run trains in the time saved")
     progress: bool = setting(True, OUTPUT, "progress bars (drawn on a terminal only, never into a log file)")
     tta: str = setting("flip", OUTPUT, "TTA reported beside the plain test accuracy at the end: none | flip | flip-translate")
     max_steps_per_epoch: int = setting(0, OUTPUT, "cut epochs short after N steps (smoke tests, benchmarks; 0: off)")
@@ -160,6 +162,7 @@ class TrainConfig:
             (self.tta in TTA_CHOICES, f"unknown --tta '{self.tta}'; choose one of: {', '.join(TTA_CHOICES)}"),
             (self.total_steps >= 0, f"--total-steps must be >= 0, got {self.total_steps}"),
             (self.log_interval >= 1, f"--log-interval must be >= 1 (steps between loss lines), got {self.log_interval}"),
+            (self.eval_every >= 0, f"--eval-every must be >= 0 (0: evaluate after the last epoch only), got {self.eval_every}"),
             (self.threads >= 0, f"--threads must be >= 0 (0: PyTorch's default), got {self.threads}"),
             (str(self.amp).lower() in AMP_CHOICES, f"unknown --amp '{self.amp}'; use auto, bf16, fp16 or off"),
             (self.bn_lr_scale > 0, f"--bn-lr-scale must be > 0, got {self.bn_lr_scale}"),
@@ -193,6 +196,7 @@ class TrainConfig:
 RESUMABLE_OVERRIDES = {
     "device", "threads", "progress", "log_interval", "resume", "compile", "conv_wgrad", "data_dir", "download", "profile", "sync_debug",
     "figures", "tta",  # output only (the PNGs, the end-of-run TTA figure): training is the same
+    "eval_every",  # which epochs evaluate: a fixed-length run trains the same; a time budget re-plans, as for any speed
 }
 
 

@@ -53,6 +53,10 @@ class RunPlan:
     def epochs(self) -> int:
         return math.ceil(self.total_steps / self.steps_per_epoch)
 
+    def evaluates(self, ended: int, every: int) -> bool:
+        """Whether the end of epoch `ended` (1-based) evaluates: the plan's last always, else each `every`-th (0: none)."""
+        return ended >= self.epochs or (every > 0 and ended % every == 0)
+
     def schedule_step(self, step: int) -> float:
         """Where the schedule stands after `step` steps: piecewise linear through the knots to its end."""
         if not self.knots or step <= self.knots[0][0]:

@@ -26,21 +26,25 @@ def training_curves(history: list[dict], path: str | Path, title: str = "") -> P
     plt = _pyplot()
     epochs = [r["epoch"] for r in history]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+
+    def curve(ax, key: str, label: str) -> None:  # the epochs that have the figure (--eval-every skips some)
+        points = [(r["epoch"], r[key]) for r in history if r.get(key) not in (None, "")]
+        if points:
+            ax.plot(*zip(*points), marker=".", label=label)
+
     ax = axes[0]
     ax.plot(epochs, [r["train_loss"] for r in history], marker=".", label="train (augmented batches)")
-    ax.plot(epochs, [r["test_loss"] for r in history], marker=".", label="test")
-    if "val_loss" in history[0]:
-        ax.plot(epochs, [r["val_loss"] for r in history], marker=".", label="validation")
+    curve(ax, "test_loss", "test")
+    curve(ax, "val_loss", "validation")
     ax.set(title="Loss", xlabel="epoch", ylabel="cross-entropy")
     ax.legend()
     ax = axes[1]
-    ax.plot(epochs, [r["test_acc"] for r in history], marker=".", label="test")
-    if "val_acc" in history[0]:
-        ax.plot(epochs, [r["val_acc"] for r in history], marker=".", label="validation")
-    if "ema_test_acc" in history[0]:
-        ax.plot(epochs, [r["ema_test_acc"] for r in history], marker=".", label="test (EMA weights)")
+    curve(ax, "test_acc", "test")
+    curve(ax, "val_acc", "validation")
+    curve(ax, "ema_test_acc", "test (EMA weights)")
     ax.set(title="Accuracy", xlabel="epoch", ylabel="accuracy (%)")
-    ax.legend()
+    if ax.lines:  # none before the first evaluation
+        ax.legend()
     ax = axes[2]
     ax.plot(epochs, [r["lr"] for r in history], marker=".")
     ax.set(title="Learning rate (end of epoch)", xlabel="epoch", ylabel="learning rate")

@@ -217,7 +217,7 @@ def run_curves(log_dir: Path, runs: set[str]) -> dict[str, list[tuple[int, float
         f = log_dir / run / "metrics.csv"
         if f.is_file():
             with open(f) as fh:
-                curves[run] = [(int(r["epoch"]), float(r["test_acc"])) for r in csv.DictReader(fh)]
+                curves[run] = [(int(r["epoch"]), float(r["test_acc"])) for r in csv.DictReader(fh) if r["test_acc"]]
     return curves
 
 

@@ -54,6 +54,18 @@ def test_fit_steps_counts_the_epoch_ends_still_to_come():
     assert fit_steps(2.0, 15, 1, 10, cal, least=16) == 16, "out of time: one more step, then the epoch's evaluation"
 
 
+def test_fit_steps_plans_only_the_evaluations_eval_every_asks_for():
+    every = {n: Calibration(1.0, 5.0, 128, end_seconds=0.5, eval_every=n) for n in (0, 1, 2)}
+    # epoch ends 2..4 after 1 ended: each has its 0.5 s log and checkpoint; the last evaluates, then every n-th
+    assert [every[n].ends_seconds(1, 4) for n in (0, 1, 2)] == [1.5 + 5.0, 1.5 + 15.0, 1.5 + 10.0]  # n=2: ends 2 and 4
+    assert every[2].ends_seconds(1, 3) == 1.0 + 10.0, "end 2 (every 2nd) and end 3 (the last)"
+    assert every[0].ends_seconds(4, 4) == 0.0
+    # 60 s of 10-step epochs at 1 s a step: 4 evaluations of 5 s leave 40 steps; evaluating the last only, 52
+    assert fit_steps(60.0, 0, 0, 10, Calibration(1.0, 5.0, 128), least=0) == 40
+    assert fit_steps(60.0, 0, 0, 10, every[0], least=0) == 52  # 6 ends' 3 s and one 5 s evaluation
+    assert fit_steps(60.0, 0, 0, 10, every[1], least=0) == 38  # 4 ends of 5.5 s
+
+
 def test_a_short_budget_spends_less_of_itself_on_calibration():
     assert [budget.timed_seconds(b) for b in (5, 10, 40, 70, 900)] == [1.0, 1.0, 2.0, 3.0, 3.0]
 
@@ -195,6 +207,22 @@ def test_a_slow_checkpoint_writer_is_counted(tmp_path, monkeypatch):
     t.fit()
     assert 0.97 <= _spent_share(t, tmp_path, "slowsave") <= 1.005
     assert t.step == fit_steps(42.0, 0, 0, 10, Calibration(0.5, 4.0, 32), least=0) == 44  # as if evaluations took 4 s
+
+
+@pytest.mark.slow(4)
+@pytest.mark.parametrize("every", [0, 3])
+def test_evaluating_less_often_buys_steps_and_still_spends_the_budget(tmp_path, monkeypatch, every):
+    name = f"every{every}"
+    t, _ = _budget_run(tmp_path, monkeypatch, "40s", name, "--eval-every", str(every), eval_seconds=3.0)
+    t.fit()
+    each = fit_steps(40.0, 0, 0, 10, Calibration(0.5, 3.0, 32), least=0)  # 3 s evaluations at every epoch end: 44 steps
+    assert t.step == fit_steps(40.0, 0, 0, 10, Calibration(0.5, 3.0, 32, eval_every=every), least=0) > each + 10
+    assert 0.97 <= _spent_share(t, tmp_path, name) <= 1.005
+    rows = list(csv.DictReader(open(tmp_path / "runs" / name / "metrics.csv")))
+    evaluated = [int(r["epoch"]) for r in rows if r["test_acc"]]
+    assert evaluated == [e for e in range(1, len(rows) + 1) if e == len(rows) or (every and e % every == 0)], evaluated
+    assert all(float(r["eval_seconds"]) == (3.0 if r["test_acc"] else 0.0) for r in rows)
+    assert (tmp_path / "ck" / name / "best.safetensors").is_file() and t.checkpointer.best_epoch in evaluated
 
 
 @pytest.mark.slow(6)

@@ -213,10 +213,30 @@ def test_non_finite_loss_stops_and_keeps_last_good(tmp_path):
     assert load_state(tmp_path / "ck" / "nan" / "last.state.pt")["epoch"] == 1
 
 
+@pytest.mark.slow(5)
+def test_evaluating_every_other_epoch_trains_the_same_and_resumes(tmp_path):
+    common = ["--epochs", "3", "--max-steps-per-epoch", "3", "--deterministic"]
+    trainer(tmp_path, *common, "--run-name", "each").fit()
+    cut = trainer(tmp_path, *common, "--run-name", "some", "--eval-every", "2", "--figures")
+    interrupt_at(cut, 5)  # in epoch 2, after the unevaluated epoch 1
+    with pytest.raises(KeyboardInterrupt):
+        cut.fit()
+    result = trainer(tmp_path, "--resume", "some", "--checkpoint-dir", str(tmp_path / "ck")).fit()
+    x, y = (_weights(tmp_path / "ck" / run / "last.safetensors") for run in ("each", "some"))
+    assert all(torch.equal(x[k], y[k]) for k in x), "evaluating less often never changes the training"
+    rows = result["history"]
+    assert [r["test_acc"] is not None for r in rows] == [False, True, True], rows  # epoch 2, and the last
+    assert result["final"].accuracy == rows[-1]["test_acc"] and result["best_epoch"] in (2, 3)
+    with open(tmp_path / "runs" / "some" / "metrics.csv") as f:
+        assert [line.split(",")[5] for line in f.read().splitlines()[1:]][0] == "", "an empty test_acc in epoch 1's row"
+    assert (tmp_path / "fig" / "some" / "training_curves.png").is_file()
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
         (["--model", "resnet9"], "unknown --model 'resnet9'"),
+        (["--eval-every", "-1"], "--eval-every must be >= 0"),
         (["--optimizer", "lamb"], "unknown --optimizer 'lamb'"),
         (["--lr", "0"], "--lr must be > 0"),
         (["--batch-size", "20000"], "lower --batch-size"),

@@ -100,7 +100,7 @@ class Trainer:
                     final = self.run_epoch(epoch)
                     epoch, epochs.total = epoch + 1, self.plan.epochs
                     epochs.update(1)
-                    epochs.set_postfix(test_acc=f"{final.accuracy:.2f}")
+                    epochs.set_postfix(test_acc=f"{final.accuracy:.2f}" if final else "-")
         finally:
             epochs.close()
             sync_debug(self.cfg, self.startup.device, self.out, on=False)
@@ -110,8 +110,8 @@ class Trainer:
         return self.log.report(final, tta, (self.checkpointer.best_metric, self.checkpointer.best_epoch),
                                "validation" if self.loaders.val is not None else "test")
 
-    def run_epoch(self, epoch: int) -> EvalResult:
-        """Train what is left of `epoch`, then evaluate, log and checkpoint; returns the test result."""
+    def run_epoch(self, epoch: int) -> EvalResult | None:
+        """Train what is left of `epoch`, then evaluate (None if --eval-every skips it), log, checkpoint; its test result."""
         if self.loaders.train.batch == 0:  # else resumed in the middle of `epoch`
             self.loaders.train.set_epoch(epoch)
         if self.stop.agree_now(self.startup.device, self.net.all_reduce):  # a signal during the last epoch's end
@@ -121,22 +121,22 @@ class Trainer:
         stats, self.epoch_so_far = (self.epoch_so_far + stats if self.epoch_so_far is not None else stats), None
         if self.stop.requested:
             self._save_and_stop(epoch, stats)
-        eval_start = time.perf_counter()
+        eval_start, evaluates = time.perf_counter(), self.plan.evaluates(epoch + 1, self.cfg.eval_every)
         try:
-            results = self.evaluate_epoch()
+            results = self.evaluate_epoch() if evaluates else None  # --eval-every skips some epochs
         except EvaluationStopped:  # saved as "the epoch's steps done": a resume evaluates it again
             self._save_and_stop(epoch, stats)
-        eval_seconds = time.perf_counter() - eval_start
-        self._check_budget(epoch + 1, eval_seconds)  # re-plan from the epoch's measured steps and evaluation
+        eval_seconds = time.perf_counter() - eval_start if evaluates else None
+        self._check_budget(epoch + 1, eval_seconds, epoch_end=True)  # re-plan from the epoch's steps and evaluation
         row = self.log.epoch_row(epoch, self.step, self.step_parts.optimizer.param_groups[0]["lr"], stats, results,
-                                 self.clock.spent(), self.budget.record() if self.budget is not None else {}, eval_seconds)
+                                 self.clock.spent(), self.budget.record() if self.budget is not None else {}, eval_seconds or 0.0)
         self.loaders.train.set_epoch(epoch + 1)  # the state saved is "start of the next epoch"
         self.checkpointer.save_epoch(epoch + 1, results, run_record(self), self.budget and self.budget.length())
         if self.budget is not None:  # the log and checkpoint count toward the time too
-            self.budget.pause(time.perf_counter() - eval_start - eval_seconds)
+            self.budget.pause(time.perf_counter() - eval_start - (eval_seconds or 0.0))
         self.log.close_row(self.clock.spent())
         self.log.print_epoch(epoch, self.plan.epochs, row, results)
-        return results.test
+        return results and results.test
 
     def train_steps(self, n: int, epoch: int = 0) -> StepStats:
         """Up to `n` optimizer steps from the loader's position (fewer at the plan's end or a stop). Host syncs: one per
@@ -203,12 +203,12 @@ class Trainer:
         self.start_epoch, self.step, self.epoch_so_far, self.clock = r.start_epoch, r.step, r.epoch_so_far, RunClock(r.spent_seconds)
         self.log.history = r.history
         self.step_parts.scheduler.step_update(num_updates=self.step)  # the rate is a pure function of the step: no saved state
-        self.budget = TimeBudget.from_state(state, self.plan, self.dist, self.clock)
+        self.budget = TimeBudget.from_state(state, self.plan, self.dist, self.clock, self.cfg.eval_every)
         self.out(resumed_line(state, run_dir, r, self.loaders.train.batch, same_device))
 
-    def _check_budget(self, ended: int, eval_seconds: float | None = None, bar=None) -> None:
+    def _check_budget(self, ended: int, eval_seconds: float | None = None, bar=None, epoch_end: bool = False) -> None:
         """--time-budget: re-plan from the progress since the last check (`ended`: epochs ended so far)."""
-        if self.budget is None or not (line := self.budget.check(self.step, ended, eval_seconds, self.startup.device)):
+        if self.budget is None or not (line := self.budget.check(self.step, ended, eval_seconds, self.startup.device, epoch_end)):
             return
         self.out(line)
         if bar is not None:  # the epoch's bar counts to the plan's end, as re-planned

@@ -88,26 +88,37 @@ class RunLog:
         if self.dist.is_main and self.cfg.figures:
             augmented_batch(self.cfg, loader, mixup, data.mean, data.std, data.classes, self.dirs.figures / "augmented_batch.png")
 
-    def epoch_row(self, epoch: int, step: int, lr: float, stats: StepStats, ev: EpochEval, spent: float, budget: dict,
+    def epoch_row(self, epoch: int, step: int, lr: float, stats: StepStats, ev: EpochEval | None, spent: float, budget: dict,
                   eval_seconds: float = 0.0) -> dict:
         """One row of metrics.csv, and the same figures in TensorBoard (epoch_seconds: training steps only;
-        eval_seconds: this epoch's evaluation; elapsed_seconds: the run's training seconds so far)."""
+        eval_seconds: this epoch's evaluation; elapsed_seconds: the run's training seconds so far). `ev` None: the
+        epoch was not evaluated (--eval-every), its test columns stay empty."""
+        test = ev.test if ev is not None else None
         row = {
-            "epoch": epoch + 1, "step": step, "lr": lr, "train_loss": round(stats.loss, 6), "test_loss": round(ev.test.loss, 6),
-            "test_acc": round(ev.test.accuracy, 4), "images_per_sec": round(stats.images / max(stats.seconds, 1e-9), 1),
+            "epoch": epoch + 1, "step": step, "lr": lr, "train_loss": round(stats.loss, 6),
+            "test_loss": round(test.loss, 6) if test else None, "test_acc": round(test.accuracy, 4) if test else None,
+            "images_per_sec": round(stats.images / max(stats.seconds, 1e-9), 1),
             "epoch_seconds": round(stats.seconds, 2), "eval_seconds": round(eval_seconds, 2),
             # wall time of steps, evaluations, logs and checkpoints (across resumes): what "time to accuracy" means
             "elapsed_seconds": round(spent, 2),
         }
+        if ev is not None:
+            row.update(self._evaluated(ev))
+        row.update(budget)
+        self._write_scalars(row, step, stats, ev, budget)
+        self.history.append(row)
+        return row
+
+    @staticmethod
+    def _evaluated(ev: EpochEval) -> dict:
+        """The validation and EMA columns of an evaluated epoch (those it has)."""
+        row = {}
         if ev.val is not None:
             row.update(val_loss=round(ev.val.loss, 6), val_acc=round(ev.val.accuracy, 4))
         if ev.ema_test is not None:
             row["ema_test_acc"] = round(ev.ema_test.accuracy, 4)
         if ev.ema_val is not None:
             row["ema_val_acc"] = round(ev.ema_val.accuracy, 4)
-        row.update(budget)
-        self._write_scalars(row, step, stats, ev, budget)
-        self.history.append(row)
         return row
 
     def close_row(self, spent: float) -> None:
@@ -127,23 +138,33 @@ class RunLog:
         if bar.disable:
             self.out(f"  step {step}/{of}: loss {value:.4f}, lr {lr:.5f}")
 
-    def _write_scalars(self, row: dict, step: int, stats: StepStats, ev: EpochEval, budget: dict) -> None:
+    def _write_scalars(self, row: dict, step: int, stats: StepStats, ev: EpochEval | None, budget: dict) -> None:
         w = self.writer
-        scalars = {"train/epoch_loss": stats.loss, "train/lr": row["lr"], "test/loss": ev.test.loss, "test/accuracy": ev.test.accuracy}
-        scalars.update({f"test_per_class/{c}": acc for c, acc in zip(self.classes, ev.test.per_class)})
+        scalars = {"train/epoch_loss": stats.loss, "train/lr": row["lr"]}
         scalars.update({"perf/images_per_sec": row["images_per_sec"], "perf/epoch_seconds": stats.seconds})
         scalars.update({f"budget/{key}": value for key, value in budget.items()})
+        if ev is not None:
+            scalars.update(self._evaluated_scalars(ev))
+        for tag, value in scalars.items():
+            w.add_scalar(tag, value, step)
+        w.flush()
+
+    def _evaluated_scalars(self, ev: EpochEval) -> dict:
+        scalars = {"test/loss": ev.test.loss, "test/accuracy": ev.test.accuracy}
+        scalars.update({f"test_per_class/{c}": acc for c, acc in zip(self.classes, ev.test.per_class)})
         if ev.val is not None:
             scalars.update({"val/loss": ev.val.loss, "val/accuracy": ev.val.accuracy})
         if ev.ema_test is not None:
             scalars["test/ema_accuracy"] = ev.ema_test.accuracy
         if ev.ema_val is not None:
             scalars["val/ema_accuracy"] = ev.ema_val.accuracy
-        for tag, value in scalars.items():
-            w.add_scalar(tag, value, step)
-        w.flush()
+        return scalars
 
-    def print_epoch(self, epoch: int, epochs: int, row: dict, ev: EpochEval) -> None:
+    def print_epoch(self, epoch: int, epochs: int, row: dict, ev: EpochEval | None) -> None:
+        if ev is None:
+            self.out(f"epoch {epoch + 1}/{epochs}: train loss {row['train_loss']:.4f} (not evaluated: --eval-every "
+                     f"{self.cfg.eval_every}), {row['images_per_sec']:.0f} img/s, {row['epoch_seconds']:.1f}s")
+            return
         extra = f", val {ev.val.accuracy:.2f}%" if ev.val is not None else ""
         extra += f", EMA test acc {ev.ema_test.accuracy:.2f}%" if ev.ema_test is not None else ""
         self.out(

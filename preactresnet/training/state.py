@@ -27,9 +27,12 @@ class Checkpointer:
         self.lookahead = parts.lookahead
         self.best_metric, self.best_epoch = -1.0, -1
 
-    def save_epoch(self, epoch: int, ev: EpochEval, record: dict, plan: dict | None) -> None:
+    def save_epoch(self, epoch: int, ev: EpochEval | None, record: dict, plan: dict | None) -> None:
         """After `epoch` epochs: the state and last weights, then best.safetensors if the chosen split improved (a kill
-        between the two leaves a resumable state). `plan`: the length a time budget chose, for the metadata."""
+        between the two leaves a resumable state; `ev` None: not evaluated, no best to judge). `plan`: the length a
+        time budget chose, for the metadata."""
+        if ev is None:
+            return self.save_last(epoch, record, plan)
         accuracy, weights, accuracies, split = self.judge(ev)
         improved = accuracy > self.best_metric
         if improved:

@@ -89,7 +89,8 @@ class TrainConfig:
     sync_bn: bool = setting(False, OPTIM, "under torchrun on GPUs, BatchNorm statistics over the global batch; torch's "
                             "SyncBatchNorm reads the device 3 times per BatchNorm layer (51 host waits a step for PreActResNet18)")
     optimizer: str = setting("adagrad", OPTIM, "adagrad | sgd (Nesterov) | adamw | muon (conv/linear; AdamW for the rest)")
-    muon_ns_dtype: str = setting("auto", OPTIM, "Muon's orthogonalization dtype: auto (timed here on a CPU; bf16 on GPUs from sm80) | bf16 | fp32")
+    muon_ns_dtype: str = setting("auto", OPTIM, "Muon's orthogonalization: auto (the fastest timed here on a CPU; bf16 on GPUs "
+                                 "from sm80) | bf16 (timm's) | bf16-gram (its Gram form, restarted) | fp32 (Gram form)")
     lr: float = setting(0.05, OPTIM, "peak learning rate")
     momentum: float = setting(0.9, OPTIM, "SGD momentum")
     weight_decay: float = setting(5e-4, OPTIM, "weight decay, never applied to BN parameters and biases")
@@ -166,7 +167,8 @@ class TrainConfig:
             (self.threads >= 0, f"--threads must be >= 0 (0: PyTorch's default), got {self.threads}"),
             (str(self.amp).lower() in AMP_CHOICES, f"unknown --amp '{self.amp}'; use auto, bf16, fp16 or off"),
             (self.bn_lr_scale > 0, f"--bn-lr-scale must be > 0, got {self.bn_lr_scale}"),
-            (self.muon_ns_dtype in ("auto", "bf16", "fp32"), f"--muon-ns-dtype must be auto, bf16 or fp32, got '{self.muon_ns_dtype}'"),
+            (self.muon_ns_dtype in ("auto", "bf16", "bf16-gram", "fp32"),
+             f"--muon-ns-dtype must be auto, bf16, bf16-gram or fp32, got '{self.muon_ns_dtype}'"),
             *[(getattr(self, name) in allowed, f"--{name.replace('_', '-')} must be {', '.join(allowed[:-1])} or {allowed[-1]}, "
                f"got '{getattr(self, name)}'") for name, allowed in SPEED_CHOICES.items()],
             (self.dataset in ("cifar10", "cifar100"), f"unknown --dataset '{self.dataset}'; use cifar10 or cifar100"),

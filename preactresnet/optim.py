@@ -43,7 +43,9 @@ def param_groups(cfg: TrainConfig, model: nn.Module) -> list[dict]:
 
 
 FUSED_KERNELS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW, "adagrad": torch.optim.Adagrad}  # timm builds these
-NS_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # --muon-ns-dtype, as spelled on the command line
+# --muon-ns-dtype, as spelled on the command line: the Gram form in fp32, timm's bf16 iteration, the Gram form in bf16 (restarted)
+NS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-gram": torch.bfloat16}  # fp32 first: a slower bf16 is judged on its warm-up
+GRAM_RESTART = 2  # below fp32 the Gram form forms X X^T again after 2 steps (why: newton_schulz)
 
 
 class MuonNS(Muon):
@@ -51,17 +53,18 @@ class MuonNS(Muon):
 
     Written here because timm's optimizer passes no dtype to `zeropower_via_newtonschulz`: without bf16
     hardware bf16 is emulated and the step costs more than forward and backward together (2.2x slower
-    steps on AVX2). In fp32 the same iteration runs in its Gram form (`newton_schulz`). tests/test_precision.py
-    fails if timm stops looking the function up where this patches it.
+    steps on AVX2). In fp32, and in bf16 when `gram` (--muon-ns-dtype bf16-gram), the same iteration runs in its
+    Gram form (`newton_schulz`). tests/test_precision.py fails if timm stops looking the function up where this patches it.
     """
 
     # GradScaler (fp16) hands this optimizer `grad_scale` and `found_inf` instead of reading found_inf on the
     # host to decide whether to step (a synchronization per step): the step is taken and undone on the device.
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, ns_dtype: torch.dtype = torch.bfloat16, **kwargs):
+    def __init__(self, params, ns_dtype: torch.dtype = torch.bfloat16, gram: bool | None = None, **kwargs):
         super().__init__(params, **kwargs)
         self.ns_dtype = ns_dtype
+        self.gram = ns_dtype != torch.bfloat16 if gram is None else gram  # bf16: timm's own iteration unless asked
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -90,7 +93,7 @@ class MuonNS(Muon):
         return [*params, *state]
 
     def _step(self, closure=None):
-        if self.ns_dtype == torch.bfloat16:  # timm's own default: nothing to change
+        if not self.gram:  # timm's own bf16 iteration: nothing to change
             return super().step(closure)
         with mock.patch.object(timm_muon, "zeropower_via_newtonschulz", partial(newton_schulz, dtype=self.ns_dtype)):
             return super().step(closure)
@@ -104,7 +107,9 @@ def newton_schulz(G, steps, coefficients, eps=timm_muon.MUON_EPS, safety_factor=
 
     Each step X <- (aI + bA + cA^2) X with A = X X^T is a polynomial P in A, so A <- P A P and Q <- P Q
     stay m x m and X is multiplied once at the end: for a 3x3 conv (n = 9 in) about half the FLOPs
-    (bench/precision.py), and the same result to rounding (tests/test_precision.py). Used in fp32 only.
+    (bench/precision.py), and the same result to rounding (tests/test_precision.py). Below fp32, A's rounding gives it
+    small negative eigenvalues that the polynomial blows up (a low-rank gradient's result off by 7-60x in bf16): X is
+    multiplied and A formed again after GRAM_RESTART steps (Dao lab's stabilized Gram Newton-Schulz, 2026).
     """
     if G.ndim != 2 or scale_eps or max(G.shape) < 2 * min(G.shape):
         extra = (scale_eps,) if scale_eps else ()  # timm 1.0.21 has no scale_eps
@@ -113,13 +118,15 @@ def newton_schulz(G, steps, coefficients, eps=timm_muon.MUON_EPS, safety_factor=
     X = G.to(dtype=dtype, copy=True)
     X = X.T if X.size(0) > X.size(1) else X
     X.div_(X.norm().mul(safety_factor).clamp_(min=eps))
-    A, Q = X @ X.T, None
-    for a, b, c in sequence:
-        P = torch.addmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
-        P.diagonal().add_(a)
-        Q = P if Q is None else P @ Q
-        A = P @ A @ P
-    X = Q @ X
+    restart = len(sequence) if dtype.itemsize >= 4 else GRAM_RESTART
+    for start in range(0, len(sequence), restart):
+        A, Q = X @ X.T, None
+        for a, b, c in sequence[start:start + restart]:
+            P = torch.addmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+            P.diagonal().add_(a)
+            Q = P if Q is None else P @ Q
+            A = P @ A @ P
+        X = Q @ X
     return X.T if G.size(0) > G.size(1) else X
 
 
@@ -128,7 +135,8 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, lr_scale: float = 1) -> 
     if cfg.optimizer == "muon":  # what timm's create_optimizer_v2('muon') builds, with the Newton-Schulz dtype
         # step counters on the GPU (a skipped fp16 step is undone there too), where timm's Muon offers it
         capturable = next(model.parameters()).is_cuda and "capturable" in inspect.signature(Muon).parameters
-        return MuonNS(groups, ns_dtype=NS_DTYPES[ns_dtype_name(cfg)], lr=lr, weight_decay=cfg.weight_decay,
+        name = ns_dtype_name(cfg)
+        return MuonNS(groups, ns_dtype=NS_DTYPES[name], gram=name != "bf16", lr=lr, weight_decay=cfg.weight_decay,
                       momentum=cfg.momentum, nesterov=True, **({"capturable": True} if capturable else {}))
     # timm's 'sgd' is Nesterov SGD; every group starts at the base lr (the scheduler applies 'lr_scale').
     extra = {}

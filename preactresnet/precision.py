@@ -24,7 +24,7 @@ from .config import ResolvedConfig, TrainConfig
 from .distributed import DistInfo, broadcast_object
 from .fileio import atomic_write
 from .models import create_model
-from .optim import build_optimizer
+from .optim import NS_DTYPES, build_optimizer
 from .step import timing_parts, train_step
 from .system import PRECISION_NAMES, cpu_name, cuda_has_bf16, flush_denormals, resolve_amp, resolve_device
 
@@ -95,7 +95,7 @@ def amp_figures(cfg: TrainConfig, num_classes: int, channels_last: bool, clock) 
 
 
 def ns_candidates(cfg: TrainConfig, num_classes: int) -> dict:
-    """Muon's whole optimizer step on this network's parameters, orthogonalizing in fp32 and in bf16."""
+    """Muon's whole optimizer step on this network's parameters, orthogonalizing in fp32, bf16 and bf16's Gram form."""
     torch.manual_seed(0)
     model = create_model(cfg.model, num_classes=num_classes, width_mult=cfg.width_mult)
     for p in model.parameters():
@@ -105,7 +105,7 @@ def ns_candidates(cfg: TrainConfig, num_classes: int) -> dict:
         optimizer = build_optimizer(dataclasses.replace(cfg, muon_ns_dtype=name), model)
         return optimizer.step
 
-    return {"fp32": step("fp32"), "bf16": step("bf16")}
+    return {name: step(name) for name in NS_DTYPES}
 
 
 def machine_key(machine: str) -> str:
@@ -148,7 +148,7 @@ def timed_figures(cfg: TrainConfig, num_classes: int, channels_last: bool, wante
     """{'amp': images/s per precision, 'ns': ms per Muon step per dtype} for `wanted`, from the cache or timed now."""
     key = cache_key(cfg, num_classes, channels_last)
     entry = read_cache(path).get(key, {})
-    missing = [w for w in wanted if w not in entry]
+    missing = [w for w in wanted if w not in entry or (w == "ns" and set(entry["ns"]) != set(NS_DTYPES))]  # a new candidate
     if not missing:
         return entry, f"cached in {path}, timed {entry.get('measured', '?')}"
     if "amp" in missing:
@@ -168,7 +168,8 @@ def choose(figures: dict, wanted: tuple) -> dict:
         chosen["amp"] = "bf16" if ips["bf16"] >= BF16_MUST_WIN_BY * ips["off"] else "off"
     if "ns" in wanted:
         ms = figures["ns"]
-        chosen["muon_ns_dtype"] = "bf16" if BF16_MUST_WIN_BY * ms["bf16"] <= ms["fp32"] else "fp32"
+        bf16 = min(("bf16", "bf16-gram"), key=ms.get)
+        chosen["muon_ns_dtype"] = bf16 if BF16_MUST_WIN_BY * ms[bf16] <= ms["fp32"] else "fp32"
     return chosen
 
 
@@ -180,7 +181,8 @@ def describe(chosen: dict, figures: dict, source: str) -> str:
         parts.append(f"{name} (fp32 {ips['off']:.0f} vs bf16 {ips['bf16']:.0f} images/s, forward+backward)")
     if "muon_ns_dtype" in chosen:
         ms = figures["ns"]
-        parts.append(f"Muon orthogonalizing in {chosen['muon_ns_dtype']} (fp32 {ms['fp32']:.1f} vs bf16 {ms['bf16']:.1f} ms/step)")
+        timed = " vs ".join(f"{name} {ms[name]:.1f}" for name in ms)
+        parts.append(f"Muon orthogonalizing in {chosen['muon_ns_dtype']} ({timed} ms/step)")
     return f"precision auto: {'; '.join(parts)}; {source}"
 
 

@@ -55,7 +55,7 @@ def resolved(tmp_path, *flags, clock=None):
 @pytest.mark.parametrize("bf16_seconds, amp", [(0.05, "bf16"), (0.2, "off"), (0.098, "off")])
 def test_amp_auto_takes_the_faster_precision(tmp_path, monkeypatch, bf16_seconds, amp):
     clock, calls = FakeClock(), []
-    fake_candidates(monkeypatch, clock, {"off": 0.1, "bf16": bf16_seconds}, {"fp32": 0.01, "bf16": 0.05}, calls)
+    fake_candidates(monkeypatch, clock, {"off": 0.1, "bf16": bf16_seconds}, {"fp32": 0.01, "bf16": 0.05, "bf16-gram": 0.03}, calls)
     run = resolved(tmp_path, "--optimizer", "muon", clock=clock)
     assert run.cfg.amp == amp and run.cfg.muon_ns_dtype == "fp32"  # 2% faster is noise: fp32 stays
     assert f"{64 / 0.1:.0f}" in run.precision_line and "timed here" in run.precision_line
@@ -80,11 +80,25 @@ def test_bf16_far_slower_on_a_probe_batch_never_runs_the_full_batch(tmp_path, mo
 
 def test_explicit_settings_win_and_time_nothing(tmp_path, monkeypatch):
     clock, calls = FakeClock(), []
-    fake_candidates(monkeypatch, clock, {"off": 0.1, "bf16": 0.01}, {"fp32": 0.1, "bf16": 0.01}, calls)
+    fake_candidates(monkeypatch, clock, {"off": 0.1, "bf16": 0.01}, {"fp32": 0.1, "bf16": 0.01, "bf16-gram": 0.02}, calls)
     run = resolved(tmp_path, "--amp", "off", "--optimizer", "muon", "--muon-ns-dtype", "fp32", clock=clock)
     assert (run.cfg.amp, run.cfg.muon_ns_dtype, calls, run.precision_line) == ("off", "fp32", [], None)
     run = resolved(tmp_path, "--amp", "off", "--optimizer", "muon", clock=clock)  # only what is left on auto
     assert run.cfg.amp == "off" and run.cfg.muon_ns_dtype == "bf16" and {k for k, _ in calls} == {"ns"}
+
+
+def test_the_faster_bf16_form_is_chosen_and_a_cache_without_it_times_muon_again(tmp_path, monkeypatch):
+    clock, calls = FakeClock(), []
+    fake_candidates(monkeypatch, clock, {"off": 0.1, "bf16": 0.01}, {"fp32": 0.1, "bf16": 0.05, "bf16-gram": 0.02}, calls)
+    run = resolved(tmp_path, "--optimizer", "muon", clock=clock)
+    assert run.cfg.muon_ns_dtype == "bf16-gram" and "fp32 100.0 vs bf16 50.0 vs bf16-gram 20.0 ms/step" in run.precision_line
+    cache = json.loads((tmp_path / "precision.json").read_text())
+    for entry in cache["entries"].values():
+        del entry["ns"]["bf16-gram"]  # a cache written before the Gram form was a candidate
+    (tmp_path / "precision.json").write_text(json.dumps(cache))
+    calls.clear()
+    assert resolved(tmp_path, "--optimizer", "muon", clock=clock).cfg.muon_ns_dtype == "bf16-gram"
+    assert {k for k, _ in calls} == {"ns"}, "only Muon's figures are timed again"
 
 
 def test_measure_excludes_the_warmup_and_times_enough_calls():
@@ -119,7 +133,7 @@ def test_summary_prints_the_choice_and_a_second_run_reads_the_cache(tmp_path, mo
     entries = json.loads(path.read_text())["entries"]
     (key, entry), = [(k, v) for k, v in entries.items() if not k.startswith("conv-wgrad |")]
     assert "preactresnet18 x0.125" in key and torch.backends.cpu.get_cpu_capability() in key
-    assert set(entry["amp"]) == {"off", "bf16"} and set(entry["ns"]) == {"fp32", "bf16"}
+    assert set(entry["amp"]) == {"off", "bf16"} and set(entry["ns"]) == {"fp32", "bf16", "bf16-gram"}
 
 
 def _one_step(optimizer, model, x, y):
@@ -141,13 +155,14 @@ def test_muon_orthogonalizes_in_the_chosen_dtype(batch, monkeypatch):
     original = optim.newton_schulz
     monkeypatch.setattr(optim, "newton_schulz", lambda *a, **kw: seen.append(kw.get("dtype")) or original(*a, **kw))
     after = {}
-    for name in ("bf16", "fp32"):
+    for name in ("bf16", "fp32", "bf16-gram"):
         torch.manual_seed(1)
         model = create_model("preactresnet18", width_mult=0.125)
         cfg = TrainConfig(optimizer="muon", lr=0.02, muon_ns_dtype=name)
+        before = len(seen)
         after[name] = _one_step(build_optimizer(cfg, model), model, *batch)
-        assert (len(seen) > 10) == (name == "fp32"), "fp32 reaches timm's step through the patch; bf16 is timm's own"
-    assert set(seen) == {torch.float32}
+        assert (len(seen) - before > 10) == (name != "bf16"), "fp32 and bf16-gram go through the patch; bf16 is timm's own"
+    assert seen.count(torch.float32) == seen.count(torch.bfloat16) > 10
     assert any(not torch.equal(after["bf16"][k], after["fp32"][k]) for k in after["bf16"])
 
 
@@ -166,6 +181,25 @@ def test_gram_newton_schulz_is_timms_iteration(shape):
     assert (ours - timms).abs().max() < 1e-5
     assert (ours.double() - exact).abs().max() <= 2 * (timms.double() - exact).abs().max() + 1e-7
     assert not torch.equal(ours, timm_muon.zeropower_via_newtonschulz(g, 4, coefficients, dtype=torch.float32))
+
+
+def test_gram_newton_schulz_in_bf16_holds_on_a_low_rank_gradient_only_with_its_restart(monkeypatch):
+    """A low-rank gradient (rank 8 plus noise, as late gradients are): the Gram form's bf16 result stays as near the fp32
+    one as timm's bf16 iteration does; without the restart the rounding of X X^T is amplified into garbage."""
+    import preactresnet.optim as optim
+    torch.manual_seed(0)
+    g = torch.randn(128, 8) @ torch.randn(8, 1152) + 0.01 * torch.randn(128, 1152)
+    coefficients = timm_muon.resolve_ns_coefficients("quintic", timm_muon._COEFFICIENTS)
+    ref = optim.newton_schulz(g, 5, coefficients, dtype=torch.float32)
+
+    def error(x):
+        return ((x.float() - ref).norm() / ref.norm()).item()
+
+    timms = error(timm_muon.zeropower_via_newtonschulz(g, 5, coefficients, dtype=torch.bfloat16))
+    ours = error(optim.newton_schulz(g, 5, coefficients, dtype=torch.bfloat16))
+    assert ours <= 1.2 * timms, (ours, timms)
+    monkeypatch.setattr(optim, "GRAM_RESTART", 5)
+    assert error(optim.newton_schulz(g, 5, coefficients, dtype=torch.bfloat16)) > 5 * timms
 
 
 def test_bf16_muon_is_timms_muon_bit_for_bit(batch):

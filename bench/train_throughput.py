@@ -12,6 +12,9 @@ the same run:
              uint8 data resident on the device, batched augmentation, MixUp/CutMix, label smoothing,
              Adagrad, channels_last, bf16 autocast where the hardware has it, glibc malloc tuning
 Warm-up steps are excluded; images per second are counted over --steps timed steps.
+Then the arithmetic: each side's FLOP rate (torch's FlopCounterMode on one training step) against this
+device's matrix-multiply rate in fp32 and in the trainer's precision, timed here, and so the ratio this
+device allows: the trainer's precision at its matmul rate over the reference's rate.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def trainer_path(cfg: TrainConfig, steps: int, warmup: int) -> tuple[float, str]:
+def trainer_path(cfg: TrainConfig, steps: int, warmup: int) -> tuple[float, str, torch.dtype | None]:
     """Timed: `steps` whole training steps, augmentation included; the epoch's shuffle is made before."""
     t = Trainer.from_config(cfg, out=lambda *a: None)
     t.loaders.train.set_epoch(0)
@@ -78,7 +81,43 @@ def trainer_path(cfg: TrainConfig, steps: int, warmup: int) -> tuple[float, str]
     stats = t.train_steps(steps)
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(t.startup.amp_dtype) or fp32_label(t.startup.device)
     how = f"{precision}, channels_last={t.startup.channels_last}, device={t.startup.device}, compiled={t.net.compiled}"
-    return stats.images / stats.seconds, how
+    return stats.images / stats.seconds, how, t.startup.amp_dtype
+
+
+def train_gflop(cfg: TrainConfig, num_classes: int) -> float:
+    """GFLOP of one training image (forward and backward of convolutions and matmuls), counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = create_model(cfg.model, num_classes=num_classes, width_mult=cfg.width_mult)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, num_classes, (8,))
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(x), y).backward()
+    return counter.get_total_flops() / 8 / 1e9
+
+
+def matmul_gflops(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: int = 4) -> float:
+    """The best of 3 timings of n x n matrix products: what this device's kernels reach in `dtype`."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up: kernel choice, first-touch pages
+    best = 0.0
+    for _ in range(3):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        _sync(device)
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def roofline(gflop: float, ref: float, ours: float, dtype: torch.dtype | None, device: torch.device, n: int = 2048) -> str:
+    """One line: each side's rate against the device's matmul rate, and the trainer/reference ratio it allows."""
+    fp32 = matmul_gflops(torch.float32, device, n)
+    low = matmul_gflops(dtype, device, n) if dtype else fp32
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    return (f"arithmetic: {gflop:.2f} GFLOP per training image; reference {ref * gflop:.0f} GFLOP/s ({ref * gflop / fp32:.2f} "
+            f"of an fp32 matmul's {fp32:.0f}), trainer {ours * gflop:.0f} GFLOP/s ({ours * gflop / low:.2f} of a {name} "
+            f"matmul's {low:.0f}): this device allows about {low / (ref * gflop):.2f}x at {name}")
 
 
 def main() -> None:
@@ -110,12 +149,13 @@ def main() -> None:
     ds = load_dataset(cfg.dataset, cfg.data_dir)
     print(f"{cfg.model} (width x{cfg.width_mult}), batch {cfg.batch_size}, {args.steps} timed steps after "
           f"{args.warmup} warm-up; {torch.get_num_threads()} threads; {ds.summary()}")
-    ours, how = trainer_path(cfg, args.steps, args.warmup)
+    ours, how, dtype = trainer_path(cfg, args.steps, args.warmup)
     from preactresnet.system import resolve_device
 
     ref = reference(ds, cfg, args.steps, args.warmup, args.workers, resolve_device(args.device))
     print(f"reference loop ({fp32_label(resolve_device(args.device))}, NCHW, DataLoader x{args.workers} + PIL) : {ref:8.1f} images/s")
     print(f"preactresnet Trainer ({how}) : {ours:8.1f} images/s  ({ours / ref:.2f}x)")
+    print(roofline(train_gflop(cfg, ds.num_classes), ref, ours, dtype, resolve_device(args.device)))
 
 
 if __name__ == "__main__":

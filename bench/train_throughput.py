@@ -35,6 +35,7 @@ from augment import PILDataset, torchvision_pipeline  # noqa: E402  (bench/augme
 
 from preactresnet.config import TrainConfig, from_dict, load_yaml  # noqa: E402
 from preactresnet.models import create_model  # noqa: E402
+from preactresnet.system import PRECISION_NAMES  # noqa: E402
 from preactresnet.training import Trainer  # noqa: E402
 
 
@@ -79,9 +80,10 @@ def trainer_path(cfg: TrainConfig, steps: int, warmup: int) -> tuple[float, str,
     t.train_steps(warmup)  # warm-up: first-touch allocations, oneDNN kernel choice
     t.loaders.train.set_epoch(1)  # the epoch's order is drawn and moved to the device here, untimed
     stats = t.train_steps(steps)
-    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(t.startup.amp_dtype) or fp32_label(t.startup.device)
+    amp = t.startup.amp_dtype
+    precision = PRECISION_NAMES[amp] if amp else fp32_label(t.startup.device)
     how = f"{precision}, channels_last={t.startup.channels_last}, device={t.startup.device}, compiled={t.net.compiled}"
-    return stats.images / stats.seconds, how, t.startup.amp_dtype
+    return stats.images / stats.seconds, how, amp
 
 
 def train_gflop(cfg: TrainConfig, num_classes: int) -> float:
@@ -96,7 +98,8 @@ def train_gflop(cfg: TrainConfig, num_classes: int) -> float:
 
 
 def matmul_gflops(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: int = 4) -> float:
-    """The best of 3 timings of n x n matrix products: what this device's kernels reach in `dtype`."""
+    """The best of 3 timings of n x n matrix products: what this device's kernels reach in `dtype`.
+    A peak, so the best, not precision.measure's mean (which a slow call pulls below the reference's own rate)."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # warm-up: kernel choice, first-touch pages
     best = 0.0
@@ -114,7 +117,7 @@ def roofline(gflop: float, ref: float, ours: float, dtype: torch.dtype | None, d
     """One line: each side's rate against the device's matmul rate, and the trainer/reference ratio it allows."""
     fp32 = matmul_gflops(torch.float32, device, n)
     low = matmul_gflops(dtype, device, n) if dtype else fp32
-    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    name = PRECISION_NAMES[dtype] if dtype else "fp32"
     return (f"arithmetic: {gflop:.2f} GFLOP per training image; reference {ref * gflop:.0f} GFLOP/s ({ref * gflop / fp32:.2f} "
             f"of an fp32 matmul's {fp32:.0f}), trainer {ours * gflop:.0f} GFLOP/s ({ours * gflop / low:.2f} of a {name} "
             f"matmul's {low:.0f}): this device allows about {low / (ref * gflop):.2f}x at {name}")

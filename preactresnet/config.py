@@ -52,6 +52,7 @@ def parse_duration(text: str) -> float:
 
 
 SPEED_CHOICES = {"channels_last": ("auto", "on", "off"), "compile": ("auto", "on", "off"), "conv_wgrad": ("auto", "aten", "matmul")}
+MUON_CHOICES = {"muon_ns_dtype": ("auto", "bf16", "bf16-gram", "fp32"), "muon_algo": ("muon", "adamuon"), "muon_adjust_lr": ("match_rms_adamw", "original")}
 AUGMENT_SETTINGS = ("crop_padding", "flip_prob", "jitter_prob", "brightness", "contrast", "saturation", "hue", "erase_prob")
 SWITCHES = ("compile",)  # settings that were on/off switches and now also take auto: --x, --x auto|on|off, --no-x
 
@@ -91,10 +92,14 @@ class TrainConfig:
     optimizer: str = setting("adagrad", OPTIM, "adagrad | sgd (Nesterov) | adamw | muon (conv/linear; AdamW for the rest)")
     muon_ns_dtype: str = setting("auto", OPTIM, "Muon's orthogonalization: auto (the fastest timed here on a CPU; bf16 on GPUs "
                                  "from sm80) | bf16 (timm's) | bf16-gram (its Gram form, restarted) | fp32 (Gram form)")
+    muon_adjust_lr: str = setting("match_rms_adamw", OPTIM, "Muon's step per shape: match_rms_adamw (0.2 lr) | original")
+    muon_algo: str = setting("muon", OPTIM, "muon | adamuon (timm's AdaMuon: Adam's second moment on the orthogonal step)")
+    muon_fixed_norm: bool = setting(False, OPTIM, "Muon's weights scaled back to their first norm after each step (airbench)")
     lr: float = setting(0.05, OPTIM, "peak learning rate")
     momentum: float = setting(0.9, OPTIM, "SGD momentum")
     weight_decay: float = setting(5e-4, OPTIM, "weight decay, never applied to BN parameters and biases")
     bn_lr_scale: float = setting(1.0, OPTIM, "learning-rate multiplier for BN parameters and biases")
+    head_lr_scale: float = setting(1.0, OPTIM, "learning-rate multiplier for the classifier (under Muon: its AdamW fallback)")
     grad_clip: float = setting(0.0, OPTIM, "max global gradient norm (0: off)")
     ema: bool = setting(False, OPTIM, "keep an exponential moving average of the weights (ema.safetensors)")
     ema_decay: float = setting(0.999, OPTIM, "EMA decay per step")
@@ -143,9 +148,8 @@ class TrainConfig:
         return cfg
 
     def validate(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown --optimizer '{self.optimizer}'; choose one of: {', '.join(OPTIMIZERS)}")
         checks = [
+            (self.optimizer in OPTIMIZERS, f"unknown --optimizer '{self.optimizer}'; choose one of: {', '.join(OPTIMIZERS)}"),
             (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
@@ -166,15 +170,12 @@ class TrainConfig:
             (self.eval_every >= 0, f"--eval-every must be >= 0 (0: evaluate after the last epoch only), got {self.eval_every}"),
             (self.threads >= 0, f"--threads must be >= 0 (0: PyTorch's default), got {self.threads}"),
             (str(self.amp).lower() in AMP_CHOICES, f"unknown --amp '{self.amp}'; use auto, bf16, fp16 or off"),
-            (self.bn_lr_scale > 0, f"--bn-lr-scale must be > 0, got {self.bn_lr_scale}"),
-            (self.muon_ns_dtype in ("auto", "bf16", "bf16-gram", "fp32"),
-             f"--muon-ns-dtype must be auto, bf16, bf16-gram or fp32, got '{self.muon_ns_dtype}'"),
+            *[(scale > 0, f"--{name}-lr-scale must be > 0, got {scale}") for name, scale in (("bn", self.bn_lr_scale), ("head", self.head_lr_scale))],
             *[(getattr(self, name) in allowed, f"--{name.replace('_', '-')} must be {', '.join(allowed[:-1])} or {allowed[-1]}, "
-               f"got '{getattr(self, name)}'") for name, allowed in SPEED_CHOICES.items()],
+               f"got '{getattr(self, name)}'") for name, allowed in {**SPEED_CHOICES, **MUON_CHOICES}.items()],
             (self.dataset in ("cifar10", "cifar100"), f"unknown --dataset '{self.dataset}'; use cifar10 or cifar100"),
+            (not (self.mixing and self.batch_size % 2), f"--batch-size must be even when MixUp/CutMix is on, got {self.batch_size}"),
         ]
-        if self.mixing and self.batch_size % 2:
-            checks.append((False, f"--batch-size must be even when MixUp/CutMix is on, got {self.batch_size}"))
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)

@@ -9,6 +9,7 @@ import inspect
 from functools import lru_cache, partial
 from unittest import mock
 
+import timm
 import timm.optim.muon as timm_muon
 import torch
 import torch.nn as nn
@@ -23,20 +24,21 @@ from .plan import PlannedSchedule, RunPlan
 
 def param_groups(cfg: TrainConfig, model: nn.Module) -> list[dict]:
     """Weights get weight decay; BN parameters and biases none, and their own lr scale (timm's schedulers
-    multiply a group's lr by its 'lr_scale'). Under Muon, the classifier takes the AdamW fallback."""
+    multiply a group's lr by its 'lr_scale'). The classifier's weights have their own group (under Muon: the AdamW fallback)."""
     weights, others, head = [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         if param.ndim <= 1:
             others.append(param)
-        elif cfg.optimizer == "muon" and name.startswith("head."):
-            head.append(param)
+        elif name.startswith("head.") and (cfg.optimizer == "muon" or cfg.head_lr_scale != 1):
+            head.append(param)  # its own group only where it differs: the groups of older checkpoints still load
         else:
             weights.append(param)
     groups = [{"params": weights, "weight_decay": cfg.weight_decay}]
     if head:
-        groups.append({"params": head, "weight_decay": cfg.weight_decay, "use_fallback": True})
+        fallback = {"use_fallback": True} if cfg.optimizer == "muon" else {}
+        groups.append({"params": head, "weight_decay": cfg.weight_decay, "lr_scale": cfg.head_lr_scale, **fallback})
     if others:
         groups.append({"params": others, "weight_decay": 0.0, "lr_scale": cfg.bn_lr_scale})
     return groups
@@ -61,10 +63,12 @@ class MuonNS(Muon):
     # host to decide whether to step (a synchronization per step): the step is taken and undone on the device.
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, ns_dtype: torch.dtype = torch.bfloat16, gram: bool | None = None, **kwargs):
+    def __init__(self, params, ns_dtype: torch.dtype = torch.bfloat16, gram: bool | None = None, fixed_norm: bool = False,
+                 **kwargs):
         super().__init__(params, **kwargs)
         self.ns_dtype = ns_dtype
         self.gram = ns_dtype != torch.bfloat16 if gram is None else gram  # bf16: timm's own iteration unless asked
+        self.fixed_norm = fixed_norm
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -88,15 +92,40 @@ class MuonNS(Muon):
         host per tensor (36 synchronizations a step on a GPU). A skipped step still counts there."""
         host = {id(s) for g in self.param_groups if not (g.get("capturable") or g.get("fused")) for p in g["params"]
                 if torch.is_tensor(s := self.state.get(p, {}).get("step"))}
-        state = [v for p in params for v in self.state.get(p, {}).values()
-                 if torch.is_tensor(v) and v.is_floating_point() and id(v) not in host]
+        state = [v for p in params for k, v in self.state.get(p, {}).items()
+                 if torch.is_tensor(v) and v.is_floating_point() and id(v) not in host and k != FIXED_NORM]
         return [*params, *state]
 
     def _step(self, closure=None):
+        fixed = self._fixed_norms() if self.fixed_norm else []
         if not self.gram:  # timm's own bf16 iteration: nothing to change
-            return super().step(closure)
-        with mock.patch.object(timm_muon, "zeropower_via_newtonschulz", partial(newton_schulz, dtype=self.ns_dtype)):
-            return super().step(closure)
+            result = super().step(closure)
+        else:
+            with mock.patch.object(timm_muon, "zeropower_via_newtonschulz", partial(newton_schulz, dtype=self.ns_dtype)):
+                result = super().step(closure)
+        for param, norm in fixed:  # --muon-fixed-norm: back onto the sphere it started on (timm's AdamW ones aside)
+            if self.state[param].get("use_muon", True):
+                param.mul_(norm / param.norm().clamp_min(1e-12))
+        return result
+
+    def _fixed_norms(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(weight, its norm before the first step) for each matrix Muon updates; the norm is kept in the state, so a
+        resumed run holds the same sphere (a skipped fp16 step leaves it: `_tensors` passes it by)."""
+        pairs = []
+        for group in self.param_groups:
+            if group.get("use_fallback"):
+                continue
+            for param in group["params"]:
+                if param.grad is None or param.ndim < 2:
+                    continue
+                state = self.state[param]
+                if FIXED_NORM not in state:
+                    state[FIXED_NORM] = param.detach().norm().clone()
+                pairs.append((param, state[FIXED_NORM]))
+        return pairs
+
+
+FIXED_NORM = "fixed_norm"  # the state key of a weight's norm under --muon-fixed-norm
 
 
 _ZEROPOWER = timm_muon.zeropower_via_newtonschulz
@@ -136,13 +165,23 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, lr_scale: float = 1) -> 
         # step counters on the GPU (a skipped fp16 step is undone there too), where timm's Muon offers it
         capturable = next(model.parameters()).is_cuda and "capturable" in inspect.signature(Muon).parameters
         name = ns_dtype_name(cfg)
-        return MuonNS(groups, ns_dtype=NS_DTYPES[name], gram=name != "bf16", lr=lr, weight_decay=cfg.weight_decay,
+        return MuonNS(groups, ns_dtype=NS_DTYPES[name], gram=name != "bf16", fixed_norm=cfg.muon_fixed_norm,
+                      adjust_lr_fn=cfg.muon_adjust_lr, **muon_algo(cfg), lr=lr, weight_decay=cfg.weight_decay,
                       momentum=cfg.momentum, nesterov=True, **({"capturable": True} if capturable else {}))
     # timm's 'sgd' is Nesterov SGD; every group starts at the base lr (the scheduler applies 'lr_scale').
     extra = {}
     if wants_fused(cfg.optimizer, next(model.parameters()).device):
         extra["fused"] = True  # one kernel for all parameters, and GradScaler's fp16 check stays on the GPU
     return create_optimizer_v2(groups, opt=cfg.optimizer, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, **extra)
+
+
+def muon_algo(cfg: TrainConfig) -> dict:
+    """timm's `algo` argument for --muon-algo: none for plain Muon (timm 1.0.21, the oldest admitted, has no such argument)."""
+    if cfg.muon_algo == "muon":
+        return {}
+    if "algo" not in inspect.signature(Muon).parameters:
+        raise ValueError(f"--muon-algo {cfg.muon_algo} needs a newer timm than this {timm.__version__}: pip install -U timm")
+    return {"algo": cfg.muon_algo}
 
 
 def wants_fused(name: str, device: torch.device) -> bool:

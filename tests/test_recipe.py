@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 
 import pytest
@@ -106,6 +107,70 @@ def test_muon_trains_conv_weights_and_falls_back_for_the_rest(sample_dataset):
     assert losses[-1] < losses[0]
 
 
+def test_head_lr_scale_follows_the_schedule_under_muon_and_sgd():
+    for optimizer in ("muon", "sgd"):
+        cfg = TrainConfig(optimizer=optimizer, lr=0.02, warmup_epochs=0, epochs=2, head_lr_scale=0.1)
+        model = create_model("preactresnet18", width_mult=0.125)
+        opt = build_optimizer(cfg, model)
+        sched = build_scheduler(cfg, opt, RunPlan.of(cfg, 10))
+        head = next(g for g in opt.param_groups if any(p is model.head.fc.weight for p in g["params"]))
+        assert len(head["params"]) == 1 and bool(head.get("use_fallback")) == (optimizer == "muon")
+        for step in (0, 7):
+            sched.step_update(num_updates=step)
+            assert head["lr"] == pytest.approx(0.1 * opt.param_groups[0]["lr"]) and head["lr"] > 0
+    plain = build_optimizer(TrainConfig(optimizer="sgd"), create_model("preactresnet18", width_mult=0.125))
+    assert len(plain.param_groups) == 2, "at scale 1 the classifier stays with the weights: older checkpoints' groups"
+
+
+def test_adamuon_steps_through_the_chosen_orthogonalization(sample_dataset):
+    cfg = TrainConfig(optimizer="muon", lr=0.02, muon_algo="adamuon", muon_ns_dtype="fp32")
+    model = create_model("preactresnet18", width_mult=0.125)
+    if "algo" not in inspect.signature(Muon).parameters:  # timm 1.0.21 (make test-oldest): a one-line refusal
+        with pytest.raises(ValueError, match="--muon-algo adamuon needs a newer timm"):
+            build_optimizer(cfg, model)
+        return
+    opt = build_optimizer(cfg, model)
+    x, y = sample_dataset.train_images[:32].float().div(255), sample_dataset.train_labels[:32]
+    losses = []
+    for _ in range(6):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    conv = next(p for p in model.parameters() if p.ndim == 4)
+    assert "exp_avg_sq" in opt.state[conv], "AdaMuon keeps a second moment for each conv weight"
+    assert losses[-1] < losses[0]
+
+
+def test_muon_fixed_norm_holds_each_weight_on_its_first_norm_across_a_resume(sample_dataset):
+    cfg = TrainConfig(optimizer="muon", lr=0.05, weight_decay=0.5, muon_fixed_norm=True, muon_ns_dtype="fp32")
+    model = create_model("preactresnet18", width_mult=0.125)
+    first = {n: p.detach().norm().item() for n, p in model.named_parameters()}
+    opt = build_optimizer(cfg, model)
+    x, y = sample_dataset.train_images[:32].float().div(255), sample_dataset.train_labels[:32]
+
+    def steps(n):
+        for _ in range(n):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    steps(3)
+    conv = model.stem.weight if hasattr(model, "stem") else next(p for n, p in model.named_parameters() if p.ndim == 4)
+    moved = {n: p.detach().norm().item() for n, p in model.named_parameters()}
+    for name, param in model.named_parameters():
+        if param.ndim == 4:  # Muon's: back on their first norm, though decay 0.5 x lr 0.05 would shrink them 7% in 3 steps
+            assert moved[name] == pytest.approx(first[name], rel=1e-4), name
+    assert moved["head.fc.weight"] != pytest.approx(first["head.fc.weight"], rel=1e-3), "AdamW's classifier moves freely"
+    saved = opt.state_dict()
+    opt = build_optimizer(cfg, model)
+    opt.load_state_dict(saved)
+    with torch.no_grad():
+        conv.mul_(2)  # were the norm taken afresh on resume, the doubled one would stay
+    steps(1)
+    assert conv.norm().item() == pytest.approx(first[next(n for n, p in model.named_parameters() if p is conv)], rel=1e-4)
+
+
 def test_ema_warmup_starts_fast():
     model = torch.nn.Linear(2, 2)
     ema = build_ema(TrainConfig(ema=True, ema_decay=0.999, ema_warmup=True), model)
@@ -184,7 +249,10 @@ def test_bad_technique_settings_are_one_line_errors(tmp_path, capsys):
     from preactresnet.cli import main_train
 
     for flags, message in ((["--schedule", "step"], "unknown --schedule 'step'"), (["--tta", "five"], "unknown --tta"),
-                           (["--bn-lr-scale", "0"], "--bn-lr-scale must be > 0")):
+                           (["--bn-lr-scale", "0"], "--bn-lr-scale must be > 0"),
+                           (["--head-lr-scale", "-1"], "--head-lr-scale must be > 0"),
+                           (["--muon-algo", "adam"], "--muon-algo must be muon or adamuon"),
+                           (["--muon-adjust-lr", "kimi"], "--muon-adjust-lr must be match_rms_adamw or original")):
         with pytest.raises(SystemExit) as exc:
             main_train(run_args(tmp_path, *flags))
         err = capsys.readouterr().err

@@ -27,6 +27,13 @@ sys.path.insert(0, str(ROOT))
 
 from preactresnet.system import cpu_kind  # noqa: E402
 
+
+def _fixnorm(lr: str, warmup_lr: str, adamw_scale: str) -> list[str]:
+    """--muon-fixed-norm at `lr`, BN/bias and classifier (AdamW) scaled back to 0.02 by `adamw_scale` = 0.02 / lr."""
+    return ["--muon-fixed-norm", "--muon-adjust-lr", "original", "--lr", lr, "--warmup-lr", warmup_lr,
+            "--bn-lr-scale", adamw_scale, "--head-lr-scale", adamw_scale]
+
+
 # name -> (what the row changes, flags added to the recipe)
 EMA_ROWS = {"+ema"}  # rows whose test_acc is the EMA weights' (the raw model's stays in raw_test_acc)
 ROWS: dict[str, tuple[str, list[str]]] = {
@@ -81,14 +88,10 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "warm1": ("warmup 1 epoch", ["--warmup-epochs", "1"]),
     "head0.1": ("the classifier at a tenth of the lr (Muon: AdamW 0.002, not 0.02)", ["--head-lr-scale", "0.1"]),
     "fixnorm": ("Muon's weights held on their first norm, lr/sqrt(fan-in) a step (airbench's Muon): lr 0.05, the AdamW "
-                "parts kept at 0.02", ["--muon-fixed-norm", "--muon-adjust-lr", "original", "--lr", "0.05", "--warmup-lr",
-                                       "0.005", "--bn-lr-scale", "0.4", "--head-lr-scale", "0.4"]),
-    "fixnorm-lr0.025": ("fixnorm at lr 0.025 (the AdamW parts at 0.02)", ["--muon-fixed-norm", "--muon-adjust-lr", "original",
-                       "--lr", "0.025", "--warmup-lr", "0.0025", "--bn-lr-scale", "0.8", "--head-lr-scale", "0.8"]),
-    "fixnorm-lr0.015": ("fixnorm at lr 0.015 (the AdamW parts at 0.02)", ["--muon-fixed-norm", "--muon-adjust-lr", "original",
-                        "--lr", "0.015", "--warmup-lr", "0.0015", "--bn-lr-scale", "1.3333", "--head-lr-scale", "1.3333"]),
+                "parts kept at 0.02", _fixnorm("0.05", "0.005", "0.4")),
+    "fixnorm-lr0.025": ("fixnorm at lr 0.025 (the AdamW parts at 0.02)", _fixnorm("0.025", "0.0025", "0.8")),
+    "fixnorm-lr0.015": ("fixnorm at lr 0.015 (the AdamW parts at 0.02)", _fixnorm("0.015", "0.0015", "1.3333")),
     "adamuon": ("timm's AdaMuon: the orthogonalized step scaled by Adam's second moment", ["--muon-algo", "adamuon"]),
-    "head0.3": ("the classifier at 0.3x the lr", ["--head-lr-scale", "0.3"]),
     "bs64-lr0.04": ("batch 64, Muon lr 0.04", ["--batch-size", "64", "--lr", "0.04", "--warmup-lr", "0.004"]),
     "bs64-lr0.03": ("batch 64, Muon lr 0.03", ["--batch-size", "64", "--lr", "0.03", "--warmup-lr", "0.003"]),
     "bs64-lr0.04-warm0.25": ("batch 64, Muon lr 0.04, warmup 0.25 epochs",

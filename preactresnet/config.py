@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from .data.augment import AugmentConfig
+from .duration import parse_duration
 from .fileio import first_line
 from .models import check_model_name
 
@@ -32,28 +32,10 @@ MODEL, DATA, AUGMENT, MIXING, OPTIM, SCHEDULE, SPEED, OUTPUT, REPRO = (  # the -
 )
 
 
-_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
-
-
-def parse_duration(text: str) -> float:
-    """'90s', '10m', '2h', '1h30m', '1.5h' or a bare number of seconds -> seconds (> 0)."""
-    value = str(text).strip().lower()
-    match = _DURATION.fullmatch(value)
-    if re.fullmatch(r"\d+(?:\.\d+)?", value):
-        seconds = float(value)
-    elif value and match:
-        h, m, s = (float(g) if g else 0.0 for g in match.groups())
-        seconds = 3600 * h + 60 * m + s
-    else:
-        raise ValueError(f"--time-budget '{text}' is not a duration; use e.g. 90s, 10m, 2h or 1h30m")
-    if seconds <= 0:
-        raise ValueError(f"--time-budget must be longer than 0 s, got '{text}'")
-    return seconds
-
-
 SPEED_CHOICES = {"channels_last": ("auto", "on", "off"), "compile": ("auto", "on", "off"), "conv_wgrad": ("auto", "aten", "matmul")}
 MUON_CHOICES = {"muon_ns_dtype": ("auto", "bf16", "bf16-gram", "fp32"), "muon_algo": ("muon", "adamuon"), "muon_adjust_lr": ("match_rms_adamw", "original")}
-AUGMENT_SETTINGS = ("crop_padding", "flip_prob", "jitter_prob", "brightness", "contrast", "saturation", "hue", "erase_prob")
+AUGMENT_SETTINGS = ("crop_padding", "crop_fill", "flip_prob", "jitter_prob", "brightness", "contrast", "saturation", "hue", "erase_prob")
+FREEZE_CHOICES = ("stem", "bn-scale")
 SWITCHES = ("compile",)  # settings that were on/off switches and now also take auto: --x, --x auto|on|off, --no-x
 
 
@@ -64,12 +46,16 @@ class TrainConfig:
     drop_rate: float = setting(0.0, MODEL, "dropout before the classifier")
     zero_init_residual: bool = setting(False, MODEL, "start every residual branch's last layer at zero")
     whiten_stem: bool = setting(False, MODEL, "initialise the first conv by patch whitening of the training images")
+    freeze: str = setting("", MODEL, "parameters that never train, comma-separated: stem (the first conv; with --whiten-stem its "
+                          "whitening, as airbench), bn-scale (every BatchNorm's weight stays 1, as airbench)")
     pretrained: str = setting("", MODEL, "fine-tune from a pretrained folder or Hub repo id (export.py makes them)")
     dataset: str = setting("cifar10", DATA, "cifar10 or cifar100")
     data_dir: str = setting("data", DATA, "a folder (downloads there), an archive, an image tree, or 'sample'")
     download: bool = setting(True, DATA, "download the dataset when --data-dir has none")
     val_size: int = setting(0, DATA, "hold out this many training images to choose the best checkpoint (0: none)")
     crop_padding: int = setting(4, AUGMENT, "RandomCrop padding in pixels (0: no crop)")
+    crop_fill: str = setting("zero", AUGMENT, "what a crop shows beyond the image: zero (black, as torchvision's RandomCrop) | "
+                             "reflect (the image mirrored at its edge, as airbench)")
     flip_prob: float = setting(0.5, AUGMENT, "chance of a horizontal flip per image")
     alt_flip: bool = setting(False, AUGMENT, "derandomized flip: each image mirrored on alternate epochs (flip_prob unused)")
     jitter_prob: float = setting(0.8, AUGMENT, "chance of ColorJitter per image")
@@ -173,6 +159,7 @@ class TrainConfig:
             *[(scale > 0, f"--{name}-lr-scale must be > 0, got {scale}") for name, scale in (("bn", self.bn_lr_scale), ("head", self.head_lr_scale))],
             *[(getattr(self, name) in allowed, f"--{name.replace('_', '-')} must be {', '.join(allowed[:-1])} or {allowed[-1]}, "
                f"got '{getattr(self, name)}'") for name, allowed in {**SPEED_CHOICES, **MUON_CHOICES}.items()],
+            (set(self.frozen) <= set(FREEZE_CHOICES), f"--freeze takes {' and '.join(FREEZE_CHOICES)}, comma-separated; got '{self.freeze}'"),
             (self.dataset in ("cifar10", "cifar100"), f"unknown --dataset '{self.dataset}'; use cifar10 or cifar100"),
             (not (self.mixing and self.batch_size % 2), f"--batch-size must be even when MixUp/CutMix is on, got {self.batch_size}"),
         ]
@@ -182,6 +169,10 @@ class TrainConfig:
         self.augment()  # its own range checks
         if self.time_budget:
             parse_duration(self.time_budget)
+
+    @property
+    def frozen(self) -> tuple[str, ...]:  # --freeze's parts
+        return tuple(part.strip() for part in self.freeze.split(",") if part.strip())
 
     @property
     def mixing(self) -> bool:
@@ -198,8 +189,7 @@ class TrainConfig:
 # Settings a resumed run may change: they alter speed or output, never the numbers it computes.
 RESUMABLE_OVERRIDES = {
     "device", "threads", "progress", "log_interval", "resume", "compile", "conv_wgrad", "data_dir", "download", "profile", "sync_debug",
-    "figures", "tta",  # output only (the PNGs, the end-of-run TTA figure): training is the same
-    "eval_every",  # which epochs evaluate: a fixed-length run trains the same; a time budget re-plans, as for any speed
+    "figures", "tta", "eval_every",  # output (PNGs, TTA) or which epochs evaluate: a time budget re-plans, as for any speed
 }
 
 

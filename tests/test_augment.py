@@ -93,6 +93,20 @@ def test_crop_flip_erase_match_reference(sample_dataset):
         assert torch.allclose(out[i], ref, atol=1e-5), i
 
 
+@pytest.mark.parametrize("padding", [2, 4])
+def test_reflect_fill_crops_match_a_reflect_padded_image(sample_dataset, padding):
+    x = sample_dataset.train_images[:64]
+    aug, p = params(AugmentConfig(crop_padding=padding, crop_fill="reflect", jitter_prob=0.0, erase_prob=0.0), n=64, seed=3)
+    out = aug.apply(x, p)
+    padded = torch.nn.functional.pad(x.float(), (padding,) * 4, mode="reflect")  # torch's own reflection is the reference
+    ref = torch.stack([padded[i, :, dy : dy + 32, dx : dx + 32] for i, (dy, dx) in enumerate(zip(p["dy"].tolist(), p["dx"].tolist()))])
+    ref = torch.where(p["flip"][:, None, None, None], ref.flip(-1), ref)
+    ref = (ref / 255 - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    assert torch.allclose(out, ref, atol=1e-5)
+    zero = BatchAugment(AugmentConfig(crop_padding=padding, jitter_prob=0.0, erase_prob=0.0), MEAN, STD).apply(x, p)
+    assert not torch.allclose(zero, out), "the zero fill shows black borders where reflect mirrors the image"
+
+
 def test_output_dtype_layout_and_normalization(sample_dataset):
     aug = BatchAugment(None, MEAN, STD, dtype=torch.bfloat16, channels_last=True)
     out = aug(sample_dataset.train_images[:8])
@@ -115,6 +129,8 @@ def test_bad_config_values():
         AugmentConfig(flip_prob=1.5)
     with pytest.raises(ValueError, match="hue"):
         AugmentConfig(hue=0.7)
+    with pytest.raises(ValueError, match="crop_fill must be zero or reflect, got 'edge'"):
+        AugmentConfig(crop_fill="edge")
 
 
 # --- loader ---------------------------------------------------------------------------------------

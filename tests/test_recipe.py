@@ -171,6 +171,23 @@ def test_muon_fixed_norm_holds_each_weight_on_its_first_norm_across_a_resume(sam
     assert conv.norm().item() == pytest.approx(first["stem.weight"], rel=1e-4)
 
 
+def test_frozen_stem_keeps_its_whitening_while_the_rest_trains(tmp_path):
+    t = trainer(tmp_path, "--epochs", "1", "--max-steps-per-epoch", "3", "--whiten-stem", "--freeze", "stem", "--optimizer", "muon",
+                "--lr", "0.02", "--run-name", "f")
+    start = {n: p.detach().clone() for n, p in t.net.model.named_parameters()}
+    assert all(p is not t.net.model.stem.weight for g in t.step_parts.optimizer.param_groups for p in g["params"])
+    t.fit()
+    after = dict(t.net.model.named_parameters())
+    assert torch.equal(after["stem.weight"], start["stem.weight"]), "the whitening stays as measured"
+    assert not torch.equal(after["stages.0.0.conv1.weight"], start["stages.0.0.conv1.weight"])
+    assert torch.equal(load_file(tmp_path / "ck" / "f" / "last.safetensors")["stem.weight"], start["stem.weight"])
+    t = trainer(tmp_path, "--epochs", "1", "--max-steps-per-epoch", "2", "--freeze", "bn-scale,stem", "--run-name", "b")
+    t.fit()
+    frozen = {n for n, p in t.net.model.named_parameters() if not p.requires_grad}
+    assert frozen == {"stem.weight"} | {n for n in start if n.endswith(".weight") and start[n].ndim == 1}
+    assert all(torch.equal(p, torch.ones_like(p)) for n, p in t.net.model.named_parameters() if n in frozen - {"stem.weight"})
+
+
 def test_ema_warmup_starts_fast():
     model = torch.nn.Linear(2, 2)
     ema = build_ema(TrainConfig(ema=True, ema_decay=0.999, ema_warmup=True), model)
@@ -208,7 +225,7 @@ def test_lookahead_steps_back_to_its_slow_copy_every_5_steps_and_ends_on_it():
 def test_resume_is_exact_with_every_technique(tmp_path):
     common = ["--epochs", "2", "--max-steps-per-epoch", "3", "--deterministic", "--alt-flip", "--whiten-stem",
               "--ema", "--ema-warmup", "--schedule", "linear", "--bn-lr-scale", "2", "--optimizer", "muon",
-              "--lr", "0.02", "--tta", "flip", "--lookahead"]  # Lookahead's sync at step 5 comes after the resume
+              "--lr", "0.02", "--tta", "flip", "--lookahead", "--freeze", "stem"]  # Lookahead's sync at step 5 comes after the resume
     result = trainer(tmp_path, *common, "--run-name", "straight", "--figures").fit()  # the curves with an EMA
     assert result["tta_accuracy"] is not None and 0 <= result["tta_accuracy"] <= 100
     a = trainer(tmp_path, *common, "--run-name", "split")
@@ -252,7 +269,8 @@ def test_bad_technique_settings_are_one_line_errors(tmp_path, capsys):
                            (["--bn-lr-scale", "0"], "--bn-lr-scale must be > 0"),
                            (["--head-lr-scale", "-1"], "--head-lr-scale must be > 0"),
                            (["--muon-algo", "adam"], "--muon-algo must be muon or adamuon"),
-                           (["--muon-adjust-lr", "kimi"], "--muon-adjust-lr must be match_rms_adamw or original")):
+                           (["--muon-adjust-lr", "kimi"], "--muon-adjust-lr must be match_rms_adamw or original"),
+                           (["--freeze", "stem,head"], "--freeze takes stem and bn-scale, comma-separated; got 'stem,head'")):
         with pytest.raises(SystemExit) as exc:
             main_train(run_args(tmp_path, *flags))
         err = capsys.readouterr().err

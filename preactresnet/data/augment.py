@@ -23,7 +23,8 @@ _LUMA = (0.2989, 0.587, 0.114)
 class AugmentConfig:
     """Probability and strength of each augmentation (0 turns one off)."""
 
-    crop_padding: int = 4  # RandomCrop(32, padding=crop_padding), zero fill
+    crop_padding: int = 4  # RandomCrop(32, padding=crop_padding)
+    crop_fill: str = "zero"  # beyond the image: zero (black, torchvision's) or reflect (mirrored at the edge, airbench's)
     crop_prob: float = 1.0
     flip_prob: float = 0.5
     jitter_prob: float = 0.8  # ColorJitter applied to this fraction of samples
@@ -42,6 +43,8 @@ class AugmentConfig:
                 raise ValueError(f"augmentation {f.name} must be in [0, 1], got {v}")
         if self.crop_padding < 0:
             raise ValueError(f"crop_padding must be >= 0, got {self.crop_padding}")
+        if self.crop_fill not in ("zero", "reflect"):
+            raise ValueError(f"crop_fill must be zero or reflect, got '{self.crop_fill}'")
         if not 0.0 <= self.hue <= 0.5:
             raise ValueError(f"hue must be in [0, 0.5], got {self.hue}")
         for name in ("brightness", "contrast", "saturation"):
@@ -53,6 +56,11 @@ class AugmentConfig:
             raise ValueError(f"erase_scale must be 0 < lo <= hi <= 1, got {self.erase_scale}")
         if not 0 < self.erase_ratio[0] <= self.erase_ratio[1]:
             raise ValueError(f"erase_ratio must be 0 < lo <= hi, got {self.erase_ratio}")
+
+
+def _mirror(index: torch.Tensor, n: int) -> torch.Tensor:
+    """Positions -p..n-1+p of a row mirrored into 0..n-1 without repeating the edge (F.pad's 'reflect')."""
+    return ((n - 1) - ((n - 1) - index.abs()).abs()).clamp_(0, n - 1)
 
 
 @functools.lru_cache(maxsize=64)
@@ -259,15 +267,17 @@ class BatchAugment:
     def _crop_flip(self, images: torch.Tensor, params: dict) -> torch.Tensor:
         # One flat gather per plane: about 4x faster on the CPU than 4-D advanced indexing.
         b, c, h, w = images.shape
-        p = self.config.crop_padding
-        padded = torch.nn.functional.pad(images, (p, p, p, p)) if p else images
+        p, reflect = self.config.crop_padding, self.config.crop_fill == "reflect"
+        source = torch.nn.functional.pad(images, (p, p, p, p)) if p and not reflect else images
         dev = images.device
         ar_h = torch.arange(h, device=dev)
         ar_w = torch.arange(w, device=dev)
         cols = torch.where(params["flip"][:, None], ar_w.flip(0)[None, :], ar_w[None, :]) + params["dx"][:, None]
         rows = params["dy"][:, None] + ar_h[None, :]
-        idx = (rows[:, :, None] * (w + 2 * p) + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
-        return torch.gather(padded.reshape(b, c, -1), 2, idx).view(b, c, h, w)
+        if reflect:  # indices into the image itself, mirrored at its edges: no padded copy (and no uint8 reflect pad on CUDA)
+            rows, cols = _mirror(rows - p, h), _mirror(cols - p, w)
+        idx = (rows[:, :, None] * source.shape[-1] + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+        return torch.gather(source.reshape(b, c, -1), 2, idx).view(b, c, h, w)
 
     def _erase(self, x: torch.Tensor, params: dict) -> torch.Tensor:
         # Erasing writes 0 after normalization, so it is a multiply by a 0/1 "keep" image; built from

@@ -27,7 +27,7 @@ from ..plan import RunPlan
 from ..system import (
     apply_process_settings, compile_module, machine_description, process_age, resolve_amp, resolve_device, seed_everything, set_deterministic, tune_malloc,
 )
-from ..whitening import whiten_stem_
+from ..whitening import stem_conv, whiten_stem_
 from ..step import StepParts
 
 
@@ -132,6 +132,15 @@ class Network:
         return dataclasses.replace(self, train_module=compile_module(self.train_module), compiled=True)
 
 
+def freeze_(model: nn.Module, parts: tuple[str, ...]) -> None:
+    """--freeze: parameters that never train; on a resumed run too, so the optimizer's groups leave them out as they did."""
+    frozen = [stem_conv(model).weight] if "stem" in parts else []
+    if "bn-scale" in parts:  # BN -> ReLU -> conv (or the classifier): a scale the next layer's weights already have
+        frozen += [m.weight for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine]
+    for param in frozen:
+        param.requires_grad_(False)
+
+
 def build_network(cfg: TrainConfig, dist: DistInfo, startup: Startup, data: Dataset, fresh: bool, out) -> Network:
     """The network (pretrained or whitened start on a fresh run), on its device, wrapped for DDP/compile."""
     model_args = {"num_classes": data.num_classes, "width_mult": cfg.width_mult, "drop_rate": cfg.drop_rate,
@@ -141,6 +150,7 @@ def build_network(cfg: TrainConfig, dist: DistInfo, startup: Startup, data: Data
         out(load_pretrained_into(model, cfg.model, cfg.pretrained))
     elif fresh and cfg.whiten_stem and dist.is_main:  # under torchrun DDP sends rank 0's stem to the others
         whiten_stem_(model, data.train_images, data.mean, data.std, seed=cfg.seed)
+    freeze_(model, cfg.frozen)
     layout = torch.channels_last if startup.channels_last else torch.contiguous_format
     model = model.to(startup.device, memory_format=layout)
     if dist.enabled and cfg.sync_bn:

@@ -143,6 +143,23 @@ def test_adamuon_steps_through_the_chosen_orthogonalization(sample_dataset):
     assert losses[-1] < losses[0]
 
 
+def test_an_algo_this_timm_lacks_is_refused_before_start_up(tmp_path, capsys, monkeypatch):
+    from preactresnet import optim
+    from preactresnet.cli import main_train
+
+    class OldMuon:  # timm 1.0.21's Muon: no `algo`
+        def __init__(self, params, lr=0.02, weight_decay=0.0, momentum=0.95):
+            pass
+    monkeypatch.setattr(optim, "Muon", OldMuon)
+    timed = []  # precision's timings are start-up's first (a second or more on a CPU with --amp auto)
+    monkeypatch.setattr("preactresnet.training.loop.resolve_precision", lambda run, *a, **k: timed.append(1) or run)
+    with pytest.raises(SystemExit) as exc:
+        main_train(run_args(tmp_path, "--optimizer", "muon", "--muon-algo", "adamuon", "--run-name", "old"))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "--muon-algo adamuon needs a newer timm" in err, err
+    assert not timed and not (tmp_path / "ck").exists(), "nothing timed, nothing written"
+
+
 def test_muon_fixed_norm_holds_each_weight_on_its_first_norm_across_a_resume(sample_dataset):
     cfg = TrainConfig(optimizer="muon", lr=0.05, weight_decay=0.5, muon_fixed_norm=True, muon_ns_dtype="fp32")
     model = create_model("preactresnet18", width_mult=0.125)

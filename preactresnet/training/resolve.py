@@ -11,6 +11,7 @@ from pathlib import Path
 from ..checkpoint import find_run, load_state, rank_state
 from ..config import RESUMABLE_OVERRIDES, ResolvedConfig, TrainConfig, from_dict
 from ..distributed import DistInfo, broadcast_object
+from ..optim import muon_algo
 from ..plan import RunPlan
 from ..profile import load_profile
 from ..system import resolve_device
@@ -23,6 +24,8 @@ def resolve_config(cfg: TrainConfig, explicit: dict, dist: DistInfo, warn=print)
         cfg, state, run_dir = _resumed_config(cfg, explicit)
         _check_resumable(cfg, state, run_dir, dist)
     cfg = cfg.validated()
+    if cfg.optimizer == "muon":  # what this timm's Muon cannot do is refused here, before start-up times anything
+        muon_algo(cfg)
     if state is not None and cfg.compile == "auto" and (state.get("budget") or {}).get("compiled"):
         cfg = dataclasses.replace(cfg, compile="on")  # the step its budget was planned for, compiled again
     if state is None:  # a resumed run keeps the settings it was saved with

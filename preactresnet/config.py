@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from .data.augment import AugmentConfig
+from .data.augment import CROP_FILLS, AugmentConfig
 from .duration import parse_duration
 from .fileio import first_line
 from .models import check_model_name
@@ -158,7 +158,7 @@ class TrainConfig:
             (str(self.amp).lower() in AMP_CHOICES, f"unknown --amp '{self.amp}'; use auto, bf16, fp16 or off"),
             *[(scale > 0, f"--{name}-lr-scale must be > 0, got {scale}") for name, scale in (("bn", self.bn_lr_scale), ("head", self.head_lr_scale))],
             *[(getattr(self, name) in allowed, f"--{name.replace('_', '-')} must be {', '.join(allowed[:-1])} or {allowed[-1]}, "
-               f"got '{getattr(self, name)}'") for name, allowed in {**SPEED_CHOICES, **MUON_CHOICES}.items()],
+               f"got '{getattr(self, name)}'") for name, allowed in {**SPEED_CHOICES, **MUON_CHOICES, "crop_fill": CROP_FILLS}.items()],
             (set(self.frozen) <= set(FREEZE_CHOICES), f"--freeze takes {' and '.join(FREEZE_CHOICES)}, comma-separated; got '{self.freeze}'"),
             (self.dataset in ("cifar10", "cifar100"), f"unknown --dataset '{self.dataset}'; use cifar10 or cifar100"),
             (not (self.mixing and self.batch_size % 2), f"--batch-size must be even when MixUp/CutMix is on, got {self.batch_size}"),

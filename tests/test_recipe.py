@@ -287,6 +287,7 @@ def test_bad_technique_settings_are_one_line_errors(tmp_path, capsys):
                            (["--head-lr-scale", "-1"], "--head-lr-scale must be > 0"),
                            (["--muon-algo", "adam"], "--muon-algo must be muon or adamuon"),
                            (["--muon-adjust-lr", "kimi"], "--muon-adjust-lr must be match_rms_adamw or original"),
+                           (["--crop-fill", "edge"], "--crop-fill must be zero or reflect, got 'edge'"),
                            (["--freeze", "stem,head"], "--freeze takes stem and bn-scale, comma-separated; got 'stem,head'")):
         with pytest.raises(SystemExit) as exc:
             main_train(run_args(tmp_path, *flags))

@@ -19,6 +19,9 @@ import torch
 _LUMA = (0.2989, 0.587, 0.114)
 
 
+CROP_FILLS = ("zero", "reflect")  # what a crop shows beyond the image
+
+
 @dataclass
 class AugmentConfig:
     """Probability and strength of each augmentation (0 turns one off)."""
@@ -43,7 +46,7 @@ class AugmentConfig:
                 raise ValueError(f"augmentation {f.name} must be in [0, 1], got {v}")
         if self.crop_padding < 0:
             raise ValueError(f"crop_padding must be >= 0, got {self.crop_padding}")
-        if self.crop_fill not in ("zero", "reflect"):
+        if self.crop_fill not in CROP_FILLS:
             raise ValueError(f"crop_fill must be zero or reflect, got '{self.crop_fill}'")
         if not 0.0 <= self.hue <= 0.5:
             raise ValueError(f"hue must be in [0, 0.5], got {self.hue}")

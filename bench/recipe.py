@@ -92,6 +92,8 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "fixnorm-lr0.025": ("fixnorm at lr 0.025 (the AdamW parts at 0.02)", _fixnorm("0.025", "0.0025", "0.8")),
     "fixnorm-lr0.015": ("fixnorm at lr 0.015 (the AdamW parts at 0.02)", _fixnorm("0.015", "0.0015", "1.3333")),
     "reflect": ("crops mirror the image at its edge instead of showing black (airbench's translate)", ["--crop-fill", "reflect"]),
+    "warm0.25-reflect": ("warmup 0.25 epochs and reflect-filled crops (the two that did not lose at 3,130 steps)",
+                         ["--warmup-epochs", "0.25", "--crop-fill", "reflect"]),
     "freeze-bn": ("every BN weight fixed at 1 (airbench's BatchNorm without a learned scale)", ["--freeze", "bn-scale"]),
     "freeze-stem": ("the whitened stem never trains (airbench's frozen whitening)", ["--freeze", "stem"]),
     "adamuon": ("timm's AdaMuon: the orthogonalized step scaled by Adam's second moment", ["--muon-algo", "adamuon"]),

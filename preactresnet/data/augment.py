@@ -17,8 +17,6 @@ import torch
 
 # ITU-R 601-2 luma, the weights torchvision's rgb_to_grayscale uses.
 _LUMA = (0.2989, 0.587, 0.114)
-
-
 CROP_FILLS = ("zero", "reflect")  # what a crop shows beyond the image
 
 
@@ -273,11 +271,10 @@ class BatchAugment:
         p, reflect = self.config.crop_padding, self.config.crop_fill == "reflect"
         source = torch.nn.functional.pad(images, (p, p, p, p)) if p and not reflect else images
         dev = images.device
-        ar_h = torch.arange(h, device=dev)
-        ar_w = torch.arange(w, device=dev)
+        ar_h, ar_w = torch.arange(h, device=dev), torch.arange(w, device=dev)
         cols = torch.where(params["flip"][:, None], ar_w.flip(0)[None, :], ar_w[None, :]) + params["dx"][:, None]
         rows = params["dy"][:, None] + ar_h[None, :]
-        if reflect:  # indices into the image itself, mirrored at its edges: no padded copy (and no uint8 reflect pad on CUDA)
+        if reflect:  # indices into the image itself, mirrored at its edges: no padded copy to build
             rows, cols = _mirror(rows - p, h), _mirror(cols - p, w)
         idx = (rows[:, :, None] * source.shape[-1] + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
         return torch.gather(source.reshape(b, c, -1), 2, idx).view(b, c, h, w)

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from .compiling import Timing, choose
-from .config import TrainConfig, parse_duration
+from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_max
+from .duration import parse_duration
 from .plan import RunPlan
 
 WARMUP_STEPS = 3  # first-touch allocations, kernel selection, torch.compile: never timed

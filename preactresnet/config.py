@@ -287,4 +287,4 @@ class ResolvedConfig:
     precision_line: str | None = None  # why --amp auto / --muon-ns-dtype auto chose what they did (None: no choice timed)
 
 
-__all__ = ["RESUMABLE_OVERRIDES", "ResolvedConfig", "TrainConfig", "build_parser", "from_dict", "load_yaml", "parse_args", "parse_duration"]
+__all__ = ["RESUMABLE_OVERRIDES", "ResolvedConfig", "TrainConfig", "build_parser", "from_dict", "load_yaml", "parse_args"]

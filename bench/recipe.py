@@ -99,6 +99,11 @@ ROWS: dict[str, tuple[str, list[str]]] = {
                     ["--batch-size", "512", "--lr", "0.04", "--warmup-lr", "0.004"]),
     "b512-lr0.06": ("batch 512, Muon lr 0.06 (--total-steps 884, as b512-lr0.04)",
                     ["--batch-size", "512", "--lr", "0.06", "--warmup-lr", "0.006"]),
+    "orig-lr0.2": ("Muon's step scaled per shape by its spectral norm (--muon-adjust-lr original) at lr 0.2: the 256-channel "
+                   "matrices' step as now, the narrower ones 1.5-9x theirs; AdamW parts kept at 0.02, decay lr x wd kept at 1e-3",
+                   ["--muon-adjust-lr", "original", "--lr", "0.2", "--warmup-lr", "0.02", "--bn-lr-scale", "0.1",
+                    "--head-lr-scale", "0.1", "--weight-decay", "5e-3"]),
+    "muon-lr0.015": ("Muon lr 0.015 (the file's 0.02) at the file's decay 5e-2", ["--lr", "0.015", "--warmup-lr", "0.0015"]),
     "freeze-stem": ("the whitened stem never trains (airbench's frozen whitening)", ["--freeze", "stem"]),
     "adamuon": ("timm's AdaMuon: the orthogonalized step scaled by Adam's second moment", ["--muon-algo", "adamuon"]),
     "bs64-lr0.04": ("batch 64, Muon lr 0.04", ["--batch-size", "64", "--lr", "0.04", "--warmup-lr", "0.004"]),

@@ -114,9 +114,10 @@ def time_shape(shape: tuple, dtype: torch.dtype, channels_last: bool) -> dict[st
     """Milliseconds of one weight gradient of a conv of `shape` (conv_inputs' key): oneDNN's ("aten") and the matmul."""
     b, cin, h, w, cout, k, s, p = shape
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(b, cin, h, w, dtype=dtype).to(memory_format=layout)
-    weight = torch.randn(cout, cin, k, k, dtype=dtype).to(memory_format=layout)
-    grad = torch.randn_like(F.conv2d(x, weight, None, s, p))
+    g = torch.Generator().manual_seed(0)  # not the seeded stream: a run that times must draw what a cached one draws
+    x = torch.randn(b, cin, h, w, dtype=dtype, generator=g).to(memory_format=layout)
+    weight = torch.randn(cout, cin, k, k, dtype=dtype, generator=g).to(memory_format=layout)
+    grad = torch.randn(F.conv2d(x, weight, None, s, p).shape, dtype=dtype, generator=g).to(memory_format=layout)
     aten = lambda: onednn_grads(grad, x, weight, s, p, [False, True, False])
     return {"aten": 1000 * _seconds(aten), "matmul": 1000 * _seconds(lambda: weight_grad_mm(grad, x, k, s, p))}
 

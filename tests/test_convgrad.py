@@ -90,6 +90,14 @@ def test_auto_picks_the_faster_per_shape_and_caches_it():
     assert names2 == names and not calls_again and "cached" in line2  # the cache answers, nothing timed
 
 
+def test_timing_a_shape_leaves_the_seeded_random_stream_alone():
+    """The first run on a machine times, later ones read the cache: the same seed must draw the same numbers in both."""
+    torch.manual_seed(0)
+    before = torch.random.get_rng_state()
+    convgrad.time_shape((4, 8, 8, 8, 16, 3, 1, 1), torch.float32, True)
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
 def test_matmul_setting_switches_every_eligible_conv_and_aten_none():
     model = create_model("preactresnet18", width_mult=0.25)
     line = convgrad.configure(model, "matmul", (3, 32, 32), 4, None, True, DistInfo())

@@ -16,6 +16,7 @@ from preactresnet.config import TrainConfig, parse_args
 from preactresnet.plan import RunPlan
 from preactresnet.optim import build_mixup, build_scheduler
 from preactresnet.training import NonFiniteLoss, Trainer
+from preactresnet.training import parts as training_parts
 
 TINY = [
     "--data-dir", "sample", "--model", "preactresnet18", "--width-mult", "0.125", "--batch-size", "32",
@@ -93,6 +94,24 @@ def test_resume_is_exact(tmp_path):
     assert s1["step"] == s2["step"] == 6
     for k in s1["ema"]:
         assert torch.equal(s1["ema"][k], s2["ema"][k]), k
+
+
+def test_a_resumed_runs_weights_name_the_command_that_started_it_and_each_machine(tmp_path, monkeypatch):
+    """The shipped weights' metadata is their recipe: after a resume it must not read `train.py --resume`."""
+    cfg, explicit = parse_args(run_args(tmp_path, "--epochs", "2", "--max-steps-per-epoch", "2", "--run-name", "r"))
+    first = Trainer.from_config(cfg, explicit, out=lambda *a: None, command="python train.py --epochs 2")
+    here = first.meta.machine
+    interrupt_at(first, 2)
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    monkeypatch.setattr(training_parts, "machine_description", lambda device: "another CPU, 2 cores")
+    for _ in range(2):  # a second resume on the same machine names it once
+        cfg, explicit = parse_args(run_args(tmp_path, "--resume", str(tmp_path / "ck" / "r")))
+        Trainer.from_config(cfg, explicit, out=lambda *a: None, command="python train.py --resume r").fit()
+    for name in ("last.safetensors", "best.safetensors"):
+        meta = read_metadata(tmp_path / "ck" / "r" / name)
+        assert meta["command"] == "python train.py --epochs 2", name
+        assert meta["machine"] == f"{here}; resumed on another CPU, 2 cores", name
 
 
 def test_interrupt_mid_epoch_resumes_exactly(tmp_path):

@@ -1,13 +1,14 @@
 """The training state: `Checkpointer` writes a run's files, given what they hold (timm's CheckpointSaver is the
 model): `last.state.pt` (each object through its own state_dict), last, EMA and best weights, in that order, each
 replaced atomically; and loads them back into its objects for an exact resume. It keeps the best epoch's score, as
-timm's does. `run_record` is the run's own values in that state; `Resumed` reads them back; `starting_point` is
+timm's does. `run_record` is the run's own values in that state; `Resumed` reads them back, `resumed_meta` the command
+and machines its weights name; `starting_point` is
 what the time budget's calibration starts over from.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..checkpoint import WeightsMeta, rank_state, save_state, save_weights
 from ..distributed import DistInfo, gather_objects
@@ -116,7 +117,18 @@ def run_record(trainer) -> dict:
         "plan": t.plan.state_dict(),  # the run's length (a time budget's as re-planned so far)
         "budget": t.budget.state_dict() if t.budget is not None else None,
         "spent_seconds": t.clock.spent(),  # a resumed time budget spends only what is left
+        "command": t.meta.command, "machine": t.meta.machine,  # what started the run, where it trained (resumed_meta)
     }
+
+
+def resumed_meta(meta: WeightsMeta, state: dict | None) -> WeightsMeta:
+    """A resumed run's weights name the command that started it, not `--resume`, and every machine it trained on."""
+    if state is None:  # a fresh run: this process's command and machine
+        return meta
+    machine = state.get("machine") or meta.machine  # states saved before both were recorded: this process's
+    if meta.machine and meta.machine not in machine:
+        machine = f"{machine}; resumed on {meta.machine}"
+    return replace(meta, command=state.get("command") or meta.command, machine=machine)
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from preactresnet.checkpoint import CheckpointError, load_state, read_metadata, save_state, save_weights, unwrap_model
+from preactresnet.checkpoint import CheckpointError, WeightsMeta, load_state, read_metadata, save_state, save_weights, unwrap_model
 from preactresnet.cli import main_train
-from preactresnet.config import TrainConfig, parse_args
+from preactresnet.config import ResolvedConfig, TrainConfig, parse_args
 from preactresnet.plan import RunPlan
 from preactresnet.optim import build_mixup, build_scheduler
 from preactresnet.training import NonFiniteLoss, Trainer
 from preactresnet.training import parts as training_parts
+from preactresnet.training.state import resumed_meta
 
 TINY = [
     "--data-dir", "sample", "--model", "preactresnet18", "--width-mult", "0.125", "--batch-size", "32",
@@ -98,20 +99,37 @@ def test_resume_is_exact(tmp_path):
 
 def test_a_resumed_runs_weights_name_the_command_that_started_it_and_each_machine(tmp_path, monkeypatch):
     """The shipped weights' metadata is their recipe: after a resume it must not read `train.py --resume`."""
-    cfg, explicit = parse_args(run_args(tmp_path, "--epochs", "2", "--max-steps-per-epoch", "2", "--run-name", "r"))
-    first = Trainer.from_config(cfg, explicit, out=lambda *a: None, command="python train.py --epochs 2")
-    here = first.meta.machine
+    cfg, explicit = parse_args(run_args(tmp_path, "--epochs", "3", "--max-steps-per-epoch", "2", "--run-name", "r"))
+    first = Trainer.from_config(cfg, explicit, out=lambda *a: None, command="python train.py --epochs 3")
+    here, run = first.meta.machine, tmp_path / "ck" / "r"
     interrupt_at(first, 2)
     with pytest.raises(KeyboardInterrupt):
         first.fit()
+    state = load_state(run / "last.state.pt")
+    del state["command"], state["machine"]  # as a state saved before they were kept: the last weights name them
+    save_state(run / "last.state.pt", state)
     monkeypatch.setattr(training_parts, "machine_description", lambda device: "another CPU, 2 cores")
-    for _ in range(2):  # a second resume on the same machine names it once
-        cfg, explicit = parse_args(run_args(tmp_path, "--resume", str(tmp_path / "ck" / "r")))
-        Trainer.from_config(cfg, explicit, out=lambda *a: None, command="python train.py --resume r").fit()
+    for stop_at in (4, None):  # resumed twice on the other machine: it is named once
+        cfg, explicit = parse_args(run_args(tmp_path, "--resume", str(run)))
+        resumed = Trainer.from_config(cfg, explicit, out=lambda *a: None, command="python train.py --resume r")
+        if stop_at:
+            interrupt_at(resumed, stop_at)
+            with pytest.raises(KeyboardInterrupt):
+                resumed.fit()
+        else:
+            resumed.fit()
+    assert load_state(run / "last.state.pt")["step"] == 6
     for name in ("last.safetensors", "best.safetensors"):
-        meta = read_metadata(tmp_path / "ck" / "r" / name)
-        assert meta["command"] == "python train.py --epochs 2", name
+        meta = read_metadata(run / name)
+        assert meta["command"] == "python train.py --epochs 3", name
         assert meta["machine"] == f"{here}; resumed on another CPU, 2 cores", name
+
+
+def test_a_resume_on_a_machine_whose_name_is_part_of_anothers_is_named():
+    meta = WeightsMeta(model="m", model_args={}, classes=[], mean=[], std=[], command="resume", machine="RTX 4090")
+    resolved = ResolvedConfig(TrainConfig(), state={"command": "first", "machine": "RTX 4090 D"})
+    resumed = resumed_meta(meta, resolved)
+    assert (resumed.command, resumed.machine) == ("first", "RTX 4090 D; resumed on RTX 4090")
 
 
 def test_interrupt_mid_epoch_resumes_exactly(tmp_path):

@@ -38,7 +38,7 @@ class Trainer:
         self.data, self.loaders = build_data(self.cfg, self.dist, self.startup)  # the dataset; its loaders
         self.plan = RunPlan.of(self.cfg, self.loaders.steps_per_epoch, saved=saved.get("plan"))  # a resumed budget's as saved
         self.net = build_network(self.cfg, self.dist, self.startup, self.data, resolved.state is None, self.out)
-        self.meta = resumed_meta(weights_meta(self.cfg, command, self.data, self.net.model_args, self.dirs.name, self.startup.device), resolved.state)
+        self.meta = resumed_meta(weights_meta(self.cfg, command, self.data, self.net.model_args, self.dirs.name, self.startup.device), resolved)
         self.step_parts = build_step_parts(self.cfg, self.dist, self.startup, self.net, self.data.num_classes, self.plan)
         self.checkpointer = Checkpointer(self.dirs, self.dist, self.meta, self.step_parts, self.loaders.train)
         self.clock = RunClock()  # the seconds this run has spent training (a resume carries them on)

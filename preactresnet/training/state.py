@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ..checkpoint import WeightsMeta, rank_state, save_state, save_weights
+from ..checkpoint import CheckpointError, WeightsMeta, rank_state, read_metadata, save_state, save_weights
+from ..config import ResolvedConfig
 from ..distributed import DistInfo, gather_objects
 from ..system import PRECISION_NAMES, rng_state, set_rng_state
 from ..evaluation import EpochEval
@@ -121,14 +122,26 @@ def run_record(trainer) -> dict:
     }
 
 
-def resumed_meta(meta: WeightsMeta, state: dict | None) -> WeightsMeta:
+RESUMED_ON = "; resumed on "  # between the machines a run trained on, in its weights' metadata
+
+
+def resumed_meta(meta: WeightsMeta, resolved: ResolvedConfig) -> WeightsMeta:
     """A resumed run's weights name the command that started it, not `--resume`, and every machine it trained on."""
-    if state is None:  # a fresh run: this process's command and machine
+    if resolved.state is None:  # a fresh run: this process's command and machine
         return meta
-    machine = state.get("machine") or meta.machine  # states saved before both were recorded: this process's
-    if meta.machine and meta.machine not in machine:
-        machine = f"{machine}; resumed on {meta.machine}"
-    return replace(meta, command=state.get("command") or meta.command, machine=machine)
+    saved = resolved.state if "command" in resolved.state else _last_weights_meta(resolved.run_dir)
+    machines = (saved.get("machine") or meta.machine).split(RESUMED_ON)
+    if meta.machine and meta.machine not in machines:  # whole names: one GPU's name can hold another's
+        machines.append(meta.machine)
+    return replace(meta, command=saved.get("command") or meta.command, machine=RESUMED_ON.join(machines))
+
+
+def _last_weights_meta(run_dir) -> dict:
+    """A state saved before it kept the command: the run's last weights still name it."""
+    try:
+        return {} if run_dir is None else read_metadata(run_dir / "last.safetensors")
+    except CheckpointError:  # none written yet, or unreadable: this process's
+        return {}
 
 
 @dataclass(frozen=True)

@@ -65,11 +65,12 @@ class WeightsMeta:
     machine: str = ""
 
     def at(self, epoch: int, ema: bool = False, selected_on: str | None = None, plan: dict | None = None,
-           **accuracies: float | None) -> dict:
+           training: dict | None = None, **accuracies: float | None) -> dict:
         """The metadata of the weights saved after `epoch`, with accuracies such as test_accuracy=83.2;
         `selected_on` ("validation" or "test") for a best checkpoint: which split chose it; `plan`: the epochs
-        and total_steps a time budget chose (its config keeps the recipe's)."""
-        meta = {**dataclasses.asdict(self), "epoch": epoch, "ema": ema, **({"plan": plan} if plan else {})}
+        and total_steps a time budget chose (its config keeps the recipe's); `training`: what the run had done."""
+        meta = {**dataclasses.asdict(self), "epoch": epoch, "ema": ema, **({"plan": plan} if plan else {}),
+                **({"training": training} if training else {})}
         if selected_on is not None:
             meta["selected_on"] = selected_on
         meta.update({k: round(v, 4) for k, v in accuracies.items() if v is not None})

@@ -100,10 +100,10 @@ def _optional_rows(config: dict) -> str:
         rows.append(f"| bundled 2,000-image sample | {config['sample_accuracy']:.2f}% (its test split) |")
     if config.get("measured_by"):
         rows.append(f"| accuracies measured by | {config['measured_by']} |")
-    run = config.get("training")  # what the bundled folder records of its run (steps, epochs, minutes, budget, CPU kind)
+    run = config.get("training")  # what the run had done (steps, epochs, minutes, date; the bundled one's budget, CPU kind)
     if isinstance(run, dict) and run:
         steps = f"{run['steps']:,}" if isinstance(run.get("steps"), int) else str(run.get("steps") or "?")
-        said = "; ".join(str(run[k]) for k in ("budget", "cpu_kind") if run.get(k))
+        said = "; ".join(str(run[k]) for k in ("budget", "cpu_kind", "date") if run.get(k))
         rows.append(f"| training | {steps} steps ({run.get('epochs', '?')} epochs), {run.get('minutes', '?')} min{': ' * bool(said)}{said} |")
     for key, label in (("seed", "seed"), ("machine", "trained on"), ("weights_dtype", "weights stored as")):
         if config.get(key) not in (None, ""):

@@ -24,7 +24,8 @@ def run_checkpoint(tmp_path):
     path = tmp_path / "checkpoints" / "demo" / "best.safetensors"
     meta = {"model": "preactresnet18", "model_args": ARGS, "classes": CLASSES, "mean": [0.49, 0.48, 0.45],
             "std": [0.245, 0.243, 0.261], "dataset": "cifar10", "data_dir": "sample", "run": "demo", "epoch": 4,
-            "test_accuracy": 54.1, "command": "python train.py --config configs/demo.yaml"}
+            "test_accuracy": 54.1, "command": "python train.py --config configs/demo.yaml",
+            "training": {"steps": 1564, "epochs": 4, "minutes": 1.2, "date": "2026-12-07"}}
     save_weights(path, model.state_dict(), meta)
     (path.parent / "config.yaml").write_text("model: preactresnet18\nepochs: 4\n")
     return path, model
@@ -42,6 +43,7 @@ def test_export_then_load_gives_identical_logits(run_checkpoint, tmp_path):
     assert config["test_accuracy"] == 54.1 and config["recipe"]["epochs"] == 4 and config["classes"] == CLASSES
     card = (out / "README.md").read_text()
     assert "**54.10%**" in card and "python train.py --config configs/demo.yaml" in card
+    assert config["training"]["steps"] == 1564 and "| training | 1,564 steps (4 epochs), 1.2 min: 2026-12-07 |" in card
     assert loaded.pretrained_config["model"] == "preactresnet18"
 
 

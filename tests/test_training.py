@@ -118,11 +118,15 @@ def test_a_resumed_runs_weights_name_the_command_that_started_it_and_each_machin
                 resumed.fit()
         else:
             resumed.fit()
-    assert load_state(run / "last.state.pt")["step"] == 6
+    state = load_state(run / "last.state.pt")
+    assert state["step"] == 6
     for name in ("last.safetensors", "best.safetensors"):
         meta = read_metadata(run / name)
         assert meta["command"] == "python train.py --epochs 3", name
         assert meta["machine"] == f"{here}; resumed on another CPU, 2 cores", name
+        assert meta["training"]["steps"] == 2 * meta["epoch"] == 2 * meta["training"]["epochs"], name  # 2 steps an epoch
+    # minutes on the run's clock, carried over both resumes
+    assert read_metadata(run / "last.safetensors")["training"]["minutes"] == round(state["spent_seconds"] / 60, 1)
 
 
 def test_a_resume_on_a_machine_whose_name_is_part_of_anothers_is_named():

@@ -8,6 +8,7 @@ and machines its weights name; `starting_point` is what the time budget's calibr
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 
 from ..checkpoint import CheckpointError, WeightsMeta, rank_state, read_metadata, save_state, save_weights
 from ..config import ResolvedConfig
@@ -40,7 +41,7 @@ class Checkpointer:
             self.best_metric, self.best_epoch = accuracy, epoch
         self.save_last(epoch, record, plan)
         if improved:
-            self.save_best(epoch, weights, accuracies, split, plan)
+            self.save_best(epoch, weights, accuracies, split, plan, record)
 
     def save_last(self, epoch: int, record: dict, plan: dict | None) -> None:
         """State, then last weights, then EMA weights (before best). Every rank takes part (each contributes its
@@ -58,10 +59,11 @@ class Checkpointer:
         }
         save_state(self.dirs.checkpoints / "last.state.pt", state)
         last = record["history"][-1] if record["history"] else {}
-        meta = self.meta.at(epoch, plan=plan, test_accuracy=last.get("test_acc"))
+        meta = self.meta.at(epoch, plan=plan, training=trained(epoch, record), test_accuracy=last.get("test_acc"))
         save_weights(self.dirs.checkpoints / "last.safetensors", self.model.state_dict(), meta)
         if self.ema is not None:
-            ema_meta = self.meta.at(epoch, ema=True, plan=plan, test_accuracy=last.get("ema_test_acc"))
+            ema_meta = self.meta.at(epoch, ema=True, plan=plan, training=trained(epoch, record),
+                                    test_accuracy=last.get("ema_test_acc"))
             save_weights(self.dirs.checkpoints / "ema.safetensors", self.ema.module.state_dict(), ema_meta)
 
     def judge(self, ev: EpochEval) -> tuple[float, object, dict, str]:
@@ -74,9 +76,10 @@ class Checkpointer:
             chosen, weights, test = ev.ema_val, self.ema.module, ev.ema_test
         return chosen.accuracy, weights, {f"{key}_accuracy": chosen.accuracy, "test_accuracy": test.accuracy}, split
 
-    def save_best(self, epoch: int, weights, accuracies: dict, split: str, plan: dict | None) -> None:
+    def save_best(self, epoch: int, weights, accuracies: dict, split: str, plan: dict | None, record: dict) -> None:
         if self.dist.is_main:
-            meta = self.meta.at(epoch, ema=weights is not self.model, selected_on=split, plan=plan, **accuracies)
+            meta = self.meta.at(epoch, ema=weights is not self.model, selected_on=split, plan=plan,
+                                training=trained(epoch, record), **accuracies)
             save_weights(self.dirs.checkpoints / "best.safetensors", weights.state_dict(), meta)
 
     def load(self, state: dict, device_type: str, num_classes: int, run_dir) -> bool:
@@ -102,6 +105,13 @@ class Checkpointer:
         self.loader.load_state_dict(mine["loader"], generator=same_device)
         set_rng_state(mine["rng"])
         return same_device
+
+
+def trained(epoch: int, record: dict) -> dict:
+    """What the run had done when its weights were saved, for their metadata and model card: optimizer steps, whole
+    epochs, minutes on its clock (training and evaluation, over every resume) and the date (UTC)."""
+    return {"steps": record["step"], "epochs": epoch, "minutes": round(record["spent_seconds"] / 60, 1),
+            "date": datetime.now(timezone.utc).date().isoformat()}
 
 
 def run_record(trainer) -> dict:

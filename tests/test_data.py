@@ -133,7 +133,8 @@ def test_no_network_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(DataError) as err:
         load_dataset("cifar10", tmp_path / "data")
     message = str(err.value)
-    assert "\n" not in message and "could not download" in message and "--data-dir" in message
+    assert "\n" not in message and "no cifar10 in" in message and "downloading it" in message and "--data-dir" in message
+    assert not (tmp_path / "data").exists()  # a mistyped --data-dir leaves no empty folder behind
 
 
 def test_crafted_batch_pickle_is_refused(small_real, tmp_path):

@@ -159,13 +159,16 @@ def download_official(data_dir: Path, dataset: str) -> Path:
     archive = data_dir / rel.archive
     if check_integrity(str(archive), rel.md5):
         return archive
+    made = not data_dir.exists()
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         download_url(rel.url, str(data_dir), rel.archive, rel.md5)
     except Exception as err:  # URLError, timeouts, DNS failures: all mean "no usable network"
         reason = first_line(err)
+        if made and not any(data_dir.iterdir()):  # a mistyped path leaves no empty folder behind
+            data_dir.rmdir()
         raise DataError(
-            f"could not download {dataset} from {rel.url} ({reason}); with no network, pass "
+            f"no {dataset} in {data_dir}, and downloading it from {rel.url} failed ({reason}); with no network, pass "
             f"--data-dir PATH to a copy you have (the official archive, its extracted folder, or a "
             f"train/<class>/ test/<class>/ image tree), or --data-dir sample for the bundled sample"
         ) from None

@@ -111,10 +111,19 @@ def read_metadata(path: str | Path) -> dict:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
+        if _is_torch_save(path):
+            raise CheckpointError(f"{path} is a training state (torch.save), not weights; pass the run's last.safetensors "
+                                  "or best.safetensors, or its folder") from None
         raise CheckpointError(f"{path} is not a readable safetensors file ({err}); it may be truncated or corrupt") from None
     if raw.get("format") != WEIGHTS_FORMAT:
         raise CheckpointError(f"{path} was not written by preactresnet (no '{WEIGHTS_FORMAT}' format tag)")
     return {k: json.loads(v) for k, v in raw.items() if k != "format"}
+
+
+def _is_torch_save(path: Path) -> bool:
+    """torch.save's zip archive (a last.state.pt) begins as every zip file does."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
 
 
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

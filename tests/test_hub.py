@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import preactresnet
-from preactresnet.checkpoint import CheckpointError, read_metadata, save_weights
+from preactresnet.checkpoint import CheckpointError, read_metadata, save_state, save_weights
 from preactresnet.cli import main_export, main_test
 from preactresnet.hub import export, load_pretrained_into, model_card
 from preactresnet.models import create_model
@@ -131,3 +131,14 @@ def test_the_model_cards_training_row_takes_what_is_recorded():
     assert "| training | 4,636 steps (12 epochs), 54.4 min: an hour's steps; AMX |" in model_card({**base, "training": full})
     assert "| training | ? steps (12 epochs), ? min |" in model_card({**base, "training": {"epochs": 12}})
     assert "| training |" not in model_card({**base, "training": "a note"}) + model_card(base)
+
+
+def test_exporting_a_training_state_names_the_weights_to_pass(tmp_path, capsys):
+    """A user who passes last.state.pt (torch.save) gets told which file holds the weights, not 'corrupt'."""
+    state = tmp_path / "last.state.pt"
+    save_state(state, {"epoch": 1, "model": {"w": torch.zeros(2)}})
+    with pytest.raises(SystemExit):
+        main_export(["--checkpoint", str(state), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert "is a training state" in err and "last.safetensors" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -71,7 +71,10 @@ def resolve_device(name: str = "auto") -> torch.device:
     process one visible GPU) and is made current: torch.cuda.set_device refuses a bare 'cuda'."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:  # torch's message lists twenty device types; ours, the ones this package runs on
+        raise ValueError(f"--device '{name}' is not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type != "cuda":
         return dev
     if not torch.cuda.is_available():

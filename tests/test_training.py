@@ -283,6 +283,7 @@ def test_evaluating_every_other_epoch_trains_the_same_and_resumes(tmp_path):
         (["--batch-size", "20000"], "lower --batch-size"),
         (["--amp", "fp8"], "unknown --amp"),
         (["--config", "configs/nope.yaml"], "not found"),
+        (["--device", "gpu"], "--device 'gpu' is not a device; use auto, cpu, cuda or cuda:N"),
     ],
 )
 def test_bad_settings_fail_with_one_line(tmp_path, capsys, flags, message):

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, check_metadata, load_weights, portable_path
+from .checkpoint import CheckpointError, check_metadata, load_weights, portable_path, read_metadata
 from .data import BatchAugment, TensorLoader, load_dataset
 from .data.augment import constant
 from .data.sources import SAMPLE_NAME
@@ -42,13 +42,21 @@ def resolve_checkpoint(spec: str | None, checkpoint_dir: str | Path = "checkpoin
         return found
     for candidate in (Path(spec), root / spec):
         if candidate.is_file():
-            return candidate
+            return ema_checked(candidate) if ema else candidate
         if candidate.is_dir():
-            for fname in (name, "model.safetensors", "last.safetensors"):
+            for fname in (name, "model.safetensors") if ema else (name, "model.safetensors", "last.safetensors"):
                 if (candidate / fname).is_file():
-                    return candidate / fname
+                    return ema_checked(candidate / fname) if ema else candidate / fname
+            if ema:  # never the plain weights in its place: the figure would be mislabelled
+                raise CheckpointError(f"{candidate} holds no ema.safetensors: its run trained without --ema; drop --ema")
             raise CheckpointError(f"{candidate} holds no {name}, model.safetensors or last.safetensors")
     raise CheckpointError(f"checkpoint '{spec}' not found (neither a file, a folder, nor a run under {root}/)")
+
+
+def ema_checked(path: Path) -> Path:
+    if not read_metadata(path).get("ema"):
+        raise CheckpointError(f"--ema was asked for, but {path} holds a run's plain weights, not its EMA; drop --ema")
+    return path
 
 
 def eval_loader(lm: "LoadedModel", images, labels, device, batch_size: int, amp_dtype) -> TensorLoader:

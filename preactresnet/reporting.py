@@ -22,6 +22,7 @@ from .hub import CONFIG_NAME, WEIGHTS_NAME, bundled_folder, is_bundled, resolve_
 from .inference import (
     LoadedModel,
     calibration,
+    ema_checked,
     eval_loader,
     load_model,
     metrics_from_probs,
@@ -38,7 +39,8 @@ def weights_path(args: argparse.Namespace, ema: bool = False) -> Path:
     if args.pretrained:
         if args.checkpoint:
             raise CheckpointError("pass --checkpoint or --pretrained, not both")
-        return resolve_pretrained(args.pretrained) / WEIGHTS_NAME
+        path = resolve_pretrained(args.pretrained) / WEIGHTS_NAME
+        return ema_checked(path) if ema else path
     if args.checkpoint is None and not ema:
         found = newest_run_weights(args.checkpoint_dir)
         if found is None:

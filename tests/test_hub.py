@@ -142,3 +142,20 @@ def test_exporting_a_training_state_names_the_weights_to_pass(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "is a training state" in err and "last.safetensors" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_ema_is_never_answered_with_the_plain_weights(run_checkpoint, capsys):
+    """test.py --ema on a run trained without --ema used to score its last weights under the EMA's name."""
+    from preactresnet.inference import resolve_checkpoint
+
+    path, model = run_checkpoint
+    run = path.parent
+    save_weights(run / "last.safetensors", model.state_dict(), read_metadata(path))
+    with pytest.raises(SystemExit):
+        main_test(["--ema", "--checkpoint", str(run), "--amp", "off", "--no-figures"])
+    assert "holds no ema.safetensors" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="plain weights, not its EMA"):
+        resolve_checkpoint(str(path), ema=True)
+    save_weights(run / "ema.safetensors", model.state_dict(), {**read_metadata(path), "ema": True})
+    assert resolve_checkpoint(str(run), ema=True) == run / "ema.safetensors"
+    assert resolve_checkpoint(str(run / "ema.safetensors"), ema=True) == run / "ema.safetensors"

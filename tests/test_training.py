@@ -116,6 +116,8 @@ def test_a_resumed_runs_weights_name_the_command_that_started_it_and_each_machin
             interrupt_at(resumed, stop_at)
             with pytest.raises(KeyboardInterrupt):
                 resumed.fit()
+            cut = read_metadata(run / "last.safetensors")  # saved at step 4: epoch 1's test score was of other weights
+            assert "test_accuracy" not in cut and cut["training"]["steps"] == 4 and cut["epoch"] == 1
         else:
             resumed.fit()
     state = load_state(run / "last.state.pt")

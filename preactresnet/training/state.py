@@ -59,6 +59,7 @@ class Checkpointer:
         }
         save_state(self.dirs.checkpoints / "last.state.pt", state)
         last = record["history"][-1] if record["history"] else {}
+        last = last if last.get("step") == record["step"] else {}  # a stop mid-epoch: no score of these weights yet
         meta = self.meta.at(epoch, plan=plan, training=trained(epoch, record), test_accuracy=last.get("test_acc"))
         save_weights(self.dirs.checkpoints / "last.safetensors", self.model.state_dict(), meta)
         if self.ema is not None:

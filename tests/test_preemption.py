@@ -67,6 +67,21 @@ def test_stop_on_the_last_step_of_an_epoch_keeps_its_loss(tmp_path):
     assert float(b["images_per_sec"]) > 0 and float(b["epoch_seconds"]) > 0
 
 
+def test_a_stop_on_the_plans_last_step_mid_epoch_resumes_without_an_extra_step(tmp_path):
+    """A plan that ends inside an epoch (most time budgets), stopped on its last step: the resume only evaluates."""
+    plan = [*SHORT, "--total-steps", "3"]
+    trainer(tmp_path, *plan, "--run-name", "straight").fit()
+    t = trainer(tmp_path, *plan, "--run-name", "cut")
+    interrupt_at(t, 3)
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    assert load_state(tmp_path / "ck" / "cut" / "last.state.pt")["ranks"][0]["loader"]["batch"] == 3
+    trainer(tmp_path, "--resume", str(tmp_path / "ck" / "cut")).fit()
+    assert load_state(tmp_path / "ck" / "cut" / "last.state.pt")["step"] == 3
+    x, y = _weights(tmp_path / "ck" / "straight" / "last.safetensors"), _weights(tmp_path / "ck" / "cut" / "last.safetensors")
+    assert all(torch.equal(x[k], y[k]) for k in x)
+
+
 def test_train_py_exits_143_after_a_sigterm_save(monkeypatch, capsys):
     def preempted(*args, **kwargs):
         raise Stopped("stopped: saved", 128 + signal.SIGTERM)

@@ -146,7 +146,7 @@ class Trainer:
                    leave=False, disable=self.no_bars)
         loss_sum, count, start = torch.zeros((), device=self.startup.device), 0, time.perf_counter()
         logged_sum, logged_count = loss_sum.clone(), 0  # where the last logging interval ended
-        for count, (x, y) in enumerate(itertools.islice(self.loaders.train, n), 1):
+        for count, (x, y) in enumerate(itertools.islice(self.loaders.train, n * (self.step < self.plan.total_steps)), 1):  # none after the plan's end
             loss_sum += self._step(x, y)
             bar.update(1)
             if self.step % self.cfg.log_interval == 0:

@@ -190,6 +190,7 @@ class TrainConfig:
 RESUMABLE_OVERRIDES = {
     "device", "threads", "progress", "log_interval", "resume", "compile", "conv_wgrad", "data_dir", "download", "profile", "sync_debug",
     "figures", "tta", "eval_every",  # output (PNGs, TTA) or which epochs evaluate: a time budget re-plans, as for any speed
+    "checkpoint_dir", "log_dir", "fig_dir",  # where a moved run is found and writes: never what it computes
 }
 
 

@@ -295,3 +295,26 @@ def test_a_profile_timed_on_another_width_is_reported(tmp_path):
     said.clear()
     load_profile(str(path), "preactresnet18", torch.device("cpu"), warn=said.append, shape=(0.25, 32))
     assert not said
+
+
+def test_a_resume_finds_a_moved_run_and_refuses_other_data(tmp_path, small_real, capsys):
+    """--data-dir may point to the same data elsewhere, not to another training set; --checkpoint-dir to where the run moved."""
+    tx, ty, vx, vy, classes = small_real
+    data = tmp_path / "tree"
+    write_tree(data, tx, ty, classes, "train")
+    write_tree(data, vx, vy, classes, "test")
+    t = trainer(tmp_path, "--data-dir", str(data), "--batch-size", "8", "--epochs", "2", "--run-name", "m")  # 5 steps an epoch
+    interrupt_at(t, 3)
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    capsys.readouterr()
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "ck" / "m").rename(tmp_path / "moved" / "m")
+    with pytest.raises(SystemExit):  # the bundled sample: the same ten classes, many more training images
+        main_train(run_args(tmp_path, "--resume", "m", "--checkpoint-dir", str(tmp_path / "moved"), "--batch-size", "8"))
+    err = capsys.readouterr().err.strip()
+    assert "5 steps an epoch" in err and "resume with the --data-dir it was trained on" in err and "\n" not in err
+    data.rename(tmp_path / "tree2")
+    result = trainer(tmp_path, "--resume", "m", "--checkpoint-dir", str(tmp_path / "moved"), "--data-dir", str(tmp_path / "tree2"),
+                     "--batch-size", "8").fit()
+    assert result["history"][-1]["step"] == 10

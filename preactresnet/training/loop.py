@@ -198,7 +198,7 @@ class Trainer:
         raise Stopped(message, self.stop.exit_code)
 
     def _resume(self, state: dict, run_dir) -> None:
-        same_device = self.checkpointer.load(state, self.startup.device.type, self.data.num_classes, run_dir)
+        same_device = self.checkpointer.load(state, self.startup.device.type, self.data.classes, self.loaders.steps_per_epoch, run_dir)
         r = Resumed.of(state, mid_epoch=self.loaders.train.batch > 0)
         self.start_epoch, self.step, self.epoch_so_far, self.clock = r.start_epoch, r.step, r.epoch_so_far, RunClock(r.spent_seconds)
         self.log.history = r.history

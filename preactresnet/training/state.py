@@ -83,11 +83,10 @@ class Checkpointer:
                                 training=trained(epoch, record), **accuracies)
             save_weights(self.dirs.checkpoints / "best.safetensors", weights.state_dict(), meta)
 
-    def load(self, state: dict, device_type: str, num_classes: int, run_dir) -> bool:
-        """Every object back as saved; returns whether the state was saved on this device type (else the loader
-        is re-seeded at its epoch's start: another device's generator cannot continue)."""
-        if state["model_args"]["num_classes"] != num_classes:
-            raise ValueError(f"{run_dir} was trained on {state['model_args']['num_classes']} classes, this data has {num_classes}")
+    def load(self, state: dict, device_type: str, classes: list, steps_per_epoch: int, run_dir) -> bool:
+        """Every object back as saved, on the data it was trained on; returns whether the state was saved on this
+        device type (else the loader is re-seeded at its epoch's start: another device's generator cannot continue)."""
+        check_same_data(state, classes, steps_per_epoch, run_dir)
         self.best_metric, self.best_epoch = float(state["best_metric"]), int(state["best_epoch"])
         self.model.load_state_dict(state["model"])
         saved = state["optimizer"]
@@ -106,6 +105,19 @@ class Checkpointer:
         self.loader.load_state_dict(mine["loader"], generator=same_device)
         set_rng_state(mine["rng"])
         return same_device
+
+
+def check_same_data(state: dict, classes: list, steps_per_epoch: int, run_dir) -> None:
+    """--data-dir may move on resume, not change: other classes, or another number of training images (the steps an
+    epoch), would continue another run's schedule and image order on data it never planned for."""
+    if state["model_args"]["num_classes"] != len(classes) or state.get("classes", classes) != list(classes):
+        raise ValueError(f"{run_dir} was trained on the classes {state.get('classes')}, this data has {list(classes)}; "
+                         "resume with the --data-dir it was trained on")
+    plan = state.get("plan") or {"steps_per_epoch": steps_per_epoch, "total_steps": 0}
+    saved, left = plan["steps_per_epoch"], plan["total_steps"] > int(state["step"])  # a finished run only evaluates
+    if saved != steps_per_epoch and left:
+        raise ValueError(f"{run_dir} was trained at {saved} steps an epoch, this data gives {steps_per_epoch}: another "
+                         "training set; resume with the --data-dir it was trained on, or start a new run")
 
 
 def trained(epoch: int, record: dict) -> dict:

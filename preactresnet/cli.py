@@ -171,9 +171,9 @@ def predict_parser() -> argparse.ArgumentParser:
 
 
 def main_predict(argv: list[str] | None = None) -> None:
-    args, lm = run_or_fail(predict_parser, argv, lambda a: load_model(reporting.weights_path(a), resolve_device(a.device)))
+    args, (files, lm) = run_or_fail(predict_parser, argv, lambda a: (reporting.image_files(a.images),
+                                                                     load_model(reporting.weights_path(a), resolve_device(a.device))))
     device = next(lm.model.parameters()).device
-    files = reporting.image_files(args.images)
     results, failed = reporting.predict_images(lm, files, device, args.tta, args.top_k, show=not args.json)
     if args.json:
         print(json.dumps({"checkpoint": str(lm.path), "predictions": results}))

@@ -17,7 +17,7 @@ from . import plots
 from .checkpoint import CheckpointError
 from .data import BatchAugment, DataError, load_dataset
 from .data.sources import SAMPLE_NAME
-from .data.trees import IMAGE_EXTENSIONS
+from .data.trees import IMAGE_EXTENSIONS, to_rgb
 from .hub import CONFIG_NAME, WEIGHTS_NAME, bundled_folder, is_bundled, resolve_pretrained
 from .inference import (
     LoadedModel,
@@ -226,12 +226,7 @@ def run_curves(log_dir: Path, runs: set[str]) -> dict[str, list[tuple[int, float
 def load_image(path: Path) -> torch.Tensor:
     """Any image -> uint8 3 x 32 x 32: RGB, shorter side resized to 32 (antialiased), centre crop."""
     with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
-        if img.mode in ("RGBA", "LA", "P"):
-            img = img.convert("RGBA")
-            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(background, img)  # transparent pixels become white, not black
-        img = img.convert("RGB")
+        img = to_rgb(ImageOps.exif_transpose(img))
         img = ImageOps.fit(img, (32, 32), method=Image.Resampling.BICUBIC)
         return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
 
@@ -243,6 +238,8 @@ def image_files(specs: list[str]) -> list[Path]:
             files += sorted(p for p in s.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         else:
             files.append(s)
+    if not files:
+        raise ValueError(f"no images in {', '.join(specs)} (looked for {' '.join(IMAGE_EXTENSIONS)}); pass image files or a folder of them")
     return files
 
 

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -155,3 +156,22 @@ def test_predict_any_image(checkpoint, capsys, tmp_path):
     for p in r["predictions"]:
         assert len(p["top"]) == 3 and sum(t["probability"] for t in p["top"]) <= 1.0001
     assert "broken.png" in out.err and out.err.count("\n") == 1
+
+
+def test_sixteen_bit_and_palette_alpha_images_load_as_they_look(tmp_path, capsys):
+    """PIL's convert("RGB") clips 16-bit greyscale at 255 (a scan turns white); a PA image's clear pixels show white."""
+    from preactresnet.data.trees import to_rgb
+    from preactresnet.reporting import image_files, load_image
+
+    gradient = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65,520
+    Image.fromarray(gradient).save(tmp_path / "scan16.png")
+    assert abs(load_image(tmp_path / "scan16.png").float().mean().item() - 127.5) < 3
+    pa = Image.new("PA", (32, 32))  # black through a fully transparent alpha (PIL writes no PA file: made in memory)
+    pa.putpalette([0, 0, 0] * 256)
+    assert np.asarray(to_rgb(pa)).min() == 255
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    with pytest.raises(SystemExit):
+        main_predict([str(tmp_path / "empty")])
+    assert "no images in" in capsys.readouterr().err
+    assert image_files([str(tmp_path)]) == [tmp_path / "scan16.png"]

@@ -31,10 +31,22 @@ class RawDataset:
     classes: list[str]
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB: 16-bit and float greyscale scaled into 0-255 first (PIL's convert clips them at
+    255: a 16-bit scan turns white), transparent pixels on white (not black)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(img, dtype=np.float32)
+        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0  # 32-bit and float: 16-bit data if above 255
+        img = Image.fromarray(np.clip(a * (255.0 / top), 0, 255).round().astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "P"):
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
+    return img.convert("RGB")
+
+
 def _decode_image(data: bytes, where: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as img:
-            img = img.convert("RGB")
+            img = to_rgb(img)
             if img.size != (32, 32):
                 img = img.resize((32, 32), Image.Resampling.BILINEAR, reducing_gap=None)
             return np.asarray(img, dtype=np.uint8)

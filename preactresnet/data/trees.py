@@ -37,7 +37,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         a = np.asarray(img, dtype=np.float32)
         top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0  # 32-bit and float: 16-bit data if above 255
-        img = Image.fromarray(np.clip(a * (255.0 / top), 0, 255).round().astype(np.uint8), "L")
+        img = Image.fromarray(np.clip(a * (255.0 / top), 0, 255).round().astype(np.uint8))  # 2-D uint8: mode L
     if img.mode in ("RGBA", "LA", "PA", "P"):
         img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
     return img.convert("RGB")

@@ -110,7 +110,7 @@ class Checkpointer:
 def check_same_data(state: dict, classes: list, steps_per_epoch: int, run_dir) -> None:
     """--data-dir may move on resume, not change: other classes, or another number of training images (the steps an
     epoch), would continue another run's schedule and image order on data it never planned for."""
-    if state["model_args"]["num_classes"] != len(classes) or state.get("classes", classes) != list(classes):
+    if state["model_args"]["num_classes"] != len(classes) or list(state.get("classes", classes)) != list(classes):
         raise ValueError(f"{run_dir} was trained on the classes {state.get('classes')}, this data has {list(classes)}; "
                          "resume with the --data-dir it was trained on")
     plan = state.get("plan") or {"steps_per_epoch": steps_per_epoch, "total_steps": 0}

@@ -54,14 +54,21 @@ def test_sigterm_saves_mid_epoch_and_resumes_exactly(tmp_path):
     assert float(b["train_loss"]) == pytest.approx(float(a["train_loss"]), abs=2e-6)
 
 
-def test_stop_on_the_last_step_of_an_epoch_keeps_its_loss(tmp_path):
-    trainer(tmp_path, *SHORT, "--run-name", "straight").fit()
-    t = trainer(tmp_path, *SHORT, "--run-name", "cut")
-    interrupt_at(t, 5)
+def _straight_and_cut(tmp_path, flags: list, stop_at: int) -> dict:
+    """Train `flags` unbroken ("straight") and Ctrl-C'd after step `stop_at` ("cut"), then resume "cut" to its end;
+    returns the state "cut" saved at the stop."""
+    trainer(tmp_path, *flags, "--run-name", "straight").fit()
+    t = trainer(tmp_path, *flags, "--run-name", "cut")
+    interrupt_at(t, stop_at)
     with pytest.raises(KeyboardInterrupt):
         t.fit()
-    assert load_state(tmp_path / "ck" / "cut" / "last.state.pt")["ranks"][0]["loader"]["batch"] == 5
+    saved = load_state(tmp_path / "ck" / "cut" / "last.state.pt")
     trainer(tmp_path, "--resume", str(tmp_path / "ck" / "cut")).fit()
+    return saved
+
+
+def test_stop_on_the_last_step_of_an_epoch_keeps_its_loss(tmp_path):
+    assert _straight_and_cut(tmp_path, SHORT, 5)["ranks"][0]["loader"]["batch"] == 5
     a, b = _csv(tmp_path, "straight")[0], _csv(tmp_path, "cut")[0]
     assert float(b["train_loss"]) == pytest.approx(float(a["train_loss"]), abs=2e-6) and float(b["train_loss"]) > 0
     assert float(b["images_per_sec"]) > 0 and float(b["epoch_seconds"]) > 0
@@ -69,14 +76,7 @@ def test_stop_on_the_last_step_of_an_epoch_keeps_its_loss(tmp_path):
 
 def test_a_stop_on_the_plans_last_step_mid_epoch_resumes_without_an_extra_step(tmp_path):
     """A plan that ends inside an epoch (most time budgets), stopped on its last step: the resume only evaluates."""
-    plan = [*SHORT, "--total-steps", "3"]
-    trainer(tmp_path, *plan, "--run-name", "straight").fit()
-    t = trainer(tmp_path, *plan, "--run-name", "cut")
-    interrupt_at(t, 3)
-    with pytest.raises(KeyboardInterrupt):
-        t.fit()
-    assert load_state(tmp_path / "ck" / "cut" / "last.state.pt")["ranks"][0]["loader"]["batch"] == 3
-    trainer(tmp_path, "--resume", str(tmp_path / "ck" / "cut")).fit()
+    assert _straight_and_cut(tmp_path, [*SHORT, "--total-steps", "3"], 3)["ranks"][0]["loader"]["batch"] == 3
     assert load_state(tmp_path / "ck" / "cut" / "last.state.pt")["step"] == 3
     x, y = _weights(tmp_path / "ck" / "straight" / "last.safetensors"), _weights(tmp_path / "ck" / "cut" / "last.safetensors")
     assert all(torch.equal(x[k], y[k]) for k in x)

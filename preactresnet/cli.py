@@ -17,7 +17,7 @@ from .checkpoint import CheckpointError
 from .config import TrainConfig, parse_args
 from .data import DataError
 from .distributed import cleanup, is_launched
-from .fileio import fail
+from .fileio import fail, os_error_line
 from .hub import BUNDLED, export, measure_exported, push_to_hub, record_accuracy
 from .inference import TTA_MODES, load_model
 from .profile import PROFILE_PATH
@@ -45,6 +45,13 @@ def add_eval_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--fig-dir", default="fig", help="where figures go")
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (argparse's own one-line error otherwise)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def run_or_fail(parser, argv: list[str] | None, run):
     """Parse `argv` with `parser()`, then `run(args)`; a user's mistake ends in one line on stderr."""
     args = parser().parse_args(argv)
@@ -52,6 +59,8 @@ def run_or_fail(parser, argv: list[str] | None, run):
         return args, run(args)
     except USER_ERRORS as err:
         fail(str(err))
+    except OSError as err:  # a path the system refused (--out or --fig-dir a file, no permission): which, in one line
+        fail(os_error_line(err))
 
 
 # -- train.py, export.py -------------------------------------------------------------------------------
@@ -62,6 +71,8 @@ def main_train(argv: list[str] | None = None) -> None:
         train(cfg, explicit, command=" ".join(["python train.py", *args]))
     except USER_ERRORS as err:
         fail(str(err))
+    except OSError as err:  # a path the system refused: which, in one line
+        fail(os_error_line(err))
     except NonFiniteLoss as err:
         fail(str(err), code=3)
     except Stopped as err:  # SIGTERM or Ctrl-C: the state is saved; 143 or 130 (128 + the signal)
@@ -107,8 +118,8 @@ def _export(args: argparse.Namespace) -> None:
     if args.data_dir:
         measured = measure_exported(out, args.data_dir)
         record_accuracy(out, **measured)
-        print(f"measured on the exported weights: {measured['test_accuracy']:.2f}% on {measured['data_description']}, "
-              f"{measured['sample_accuracy']:.2f}% on the bundled sample (recorded in its metadata)")
+        sample = f", {measured['sample_accuracy']:.2f}% on the bundled sample" if "sample_accuracy" in measured else ""
+        print(f"measured on the exported weights: {measured['test_accuracy']:.2f}% on {measured['data_description']}{sample} (recorded in its metadata)")
     if args.push_to_hub:
         print(f"pushed to {push_to_hub(out, args.push_to_hub, args.private)}")
 
@@ -148,8 +159,7 @@ def checkpoints_parser() -> argparse.ArgumentParser:
 
 
 def main_checkpoints(argv: list[str] | None = None) -> None:
-    args, rows = run_or_fail(checkpoints_parser, argv, reporting.run_checkpoints)
-    figure = reporting.checkpoints_figure(rows, args.fig_dir, args.log_dir)
+    args, (rows, figure) = run_or_fail(checkpoints_parser, argv, _checkpoints)
     if args.json:
         print(json.dumps({"checkpoints": rows, "figure": str(figure) if figure else None}))
     else:
@@ -158,12 +168,17 @@ def main_checkpoints(argv: list[str] | None = None) -> None:
         raise SystemExit(1)
 
 
+def _checkpoints(args: argparse.Namespace) -> tuple[list[dict], Path | None]:
+    rows = reporting.run_checkpoints(args)
+    return rows, reporting.checkpoints_figure(rows, args.fig_dir, args.log_dir)
+
+
 # -- predict.py ----------------------------------------------------------------------------------------
 def predict_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Classify images (files or folders, any size or mode) with a trained checkpoint.")
     ap.add_argument("images", nargs="+", help="image files or folders of images")
     add_checkpoint_args(ap)
-    ap.add_argument("--top-k", type=int, default=3, help="classes shown per image")
+    ap.add_argument("--top-k", type=positive_int, default=3, help="classes shown per image (at most the class count)")
     ap.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time augmentation")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a line per image")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import socket
@@ -31,12 +32,21 @@ def atomic_write(path: str | Path, write) -> Path:
     tmp = temp_name(path)
     try:
         write(tmp)
+        os.chmod(tmp, _new_file_mode())  # safetensors creates its files owner-only (0600): others' reads would fail
         _fsync(tmp)
         os.replace(tmp, path)
         _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+@functools.cache
+def _new_file_mode() -> int:
+    """The mode open() gives a new file here: 0o666 less the process's umask."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _alive(pid: str) -> bool:
@@ -70,6 +80,16 @@ def first_line(err: BaseException | str, default: str | None = None) -> str:
     if text:
         return text.splitlines()[0]
     return default if default is not None else type(err).__name__
+
+
+def os_error_line(err: OSError) -> str:
+    """One line for a path the system refused (a file where a folder must go, no permission, a full disk)."""
+    where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+    if not where:
+        return first_line(err)
+    hint = {FileExistsError: "a file stands where a folder is needed", NotADirectoryError: "a file stands where a folder is needed",
+            IsADirectoryError: "a folder stands where a file is needed"}.get(type(err), err.strerror or type(err).__name__)
+    return f"cannot use {where}: {hint}; pass another path or fix that one"
 
 
 def fail(message: str, code: int = 2) -> None:

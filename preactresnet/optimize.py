@@ -243,6 +243,8 @@ def run(args) -> None:
     model = check_model_name(args.model)
     if args.batch_size < 2:
         raise ValueError(f"--batch-size must be >= 2, got {args.batch_size}")
+    if Path(args.profile).is_dir():  # found before the minutes of timing, not after
+        raise ValueError(f"--profile {args.profile} is a folder; pass a file such as {Path(args.profile) / 'profile.json'}")
     device = resolve_device(args.device)
     tune_malloc()
     report, warnings = system_report(args.data_dir, args.checkpoint_dir, device)

@@ -40,14 +40,20 @@ def resolve_pretrained(spec: str | bool, cache_dir: str | None = None) -> Path:
     if spec is True or (spec == BUNDLED and not Path(spec).exists()):
         return bundled_folder()
     path = Path(spec)
+    taken = "(a bare --pretrained takes the argument after it: put it last, or write --pretrained bundled)"
     if path.is_dir():
         if not (path / WEIGHTS_NAME).is_file():
-            raise CheckpointError(f"{path} has no {WEIGHTS_NAME}; export one with python export.py --out {path}")
+            raise CheckpointError(f"--pretrained {path} has no {WEIGHTS_NAME}, so is no pretrained folder {taken}")
         return path
     if path.is_file():
+        if path.suffix != ".safetensors":
+            raise CheckpointError(f"--pretrained {spec} is no weights file or pretrained folder {taken}")
         return path.parent
     if spec.count("/") != 1 or spec.startswith((".", "/")):
         raise CheckpointError(f"--pretrained {spec}: no such folder, and not a Hub repo id of the form owner/name")
+    if path.parent.is_dir():  # pretrained/RUNX beside a local pretrained/: a mistyped folder, not a Hub repo id
+        raise CheckpointError(f"--pretrained {spec}: no such folder in {path.parent}/; check the name (a Hub repo id is "
+                              f"looked up only where no local folder {path.parent}/ exists)")
     from huggingface_hub import snapshot_download  # lazy: only needed for a Hub repo id
 
     try:

@@ -64,7 +64,8 @@ class _DataCache:
         self.override, self.download, self._cache = override, download, {}
 
     def get(self, lm: LoadedModel):
-        key = (lm.meta.get("dataset", "cifar10"), self.override or lm.meta.get("data_dir") or "data")
+        own = SAMPLE_NAME if is_bundled(lm.path) else lm.meta.get("data_dir")  # the shipped weights: the bundled sample
+        key = (lm.meta.get("dataset", "cifar10"), self.override or own or "data")
         if key not in self._cache:
             self._cache[key] = load_dataset(key[0], key[1], download=self.download)
         ds = self._cache[key]
@@ -89,10 +90,9 @@ def run_test(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     amp_dtype = resolve_amp(args.amp, device)
     lm = load_model(weights_path(args, ema=args.ema), device)
-    bundled = is_bundled(lm.path) and not args.data_dir
-    if bundled:
+    if is_bundled(lm.path) and not args.data_dir:
         print("evaluating the bundled weights on the bundled 2,000-image sample (--data-dir DIR for the full test set)", file=sys.stderr)
-    ds, data_dir = _DataCache(SAMPLE_NAME if bundled else args.data_dir, args.download).get(lm)
+    ds, data_dir = _DataCache(args.data_dir, args.download).get(lm)
     loader = eval_loader(lm, ds.test_images, ds.test_labels, device, args.batch_size, amp_dtype)
     probs, labels = predict_probs(lm.model, loader, "none", amp_dtype)
     plain = metrics_from_probs(probs, labels, len(lm.classes))

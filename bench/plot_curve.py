@@ -41,7 +41,8 @@ def load_points(path: Path) -> dict[str, list[dict]]:
 # The x axis's label bands, by the minute each starts at: the alignment of its labels (right: they sit left of their
 # points) and the column whose labels move apart. 15 minutes' labels sit left of their points, as 30 minutes' lie to
 # their right, and so meet 5 minutes' labels between the two: one column.
-BANDS = ((0, "left", "demo"), (3, "left", "5-15"), (10, "right", "5-15"), (25, "left", "30"), (45, "left", "60"))
+BANDS = ((0, "left", "demo"), (3, "left", "5-15"), (10, "right", "5-15"), (25, "left", "30"), (45, "left", "60"),
+         (120, "right", "hours"))
 
 
 def band(minutes: float) -> tuple[float, str, str]:
@@ -80,9 +81,10 @@ def draw(series: dict[str, list[dict]], out: Path) -> Path:
         ax.annotate(lab["text"], (lab["x"], lab["y"]), textcoords="offset points", xytext=(-8 if lab["ha"] == "right" else 8, -3),
                     ha=lab["ha"], fontsize=7.5, color=lab["color"])
     ax.set_ylim(top=max(p["high"] for points in series.values() for p in points) + 3)  # room for the labels above
+    longest = max(p["minutes"] for points in series.values() for p in points)
     ax.set_xscale("log")
-    ax.set_xlim(0.8, 170)  # room right of the hour for its labels
-    ticks = [1, 2, 5, 15, 30, 60]
+    ax.set_xlim(0.8, max(170, longest * 1.3))  # room right of the hour for its labels (hours' labels sit left)
+    ticks = [t for t in (1, 2, 5, 15, 30, 60, 120, 240, 480) if t <= longest * 1.3]
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.minorticks_off()
     ax.set_xlabel("minutes of training (the time budget, or measured)")

@@ -1,6 +1,6 @@
 """Pretrained weights as Hugging Face Hub folders: export, push, and load (locally or by repo id), safely.
 
-The package ships one such folder (BUNDLED_DIR: PreActResNet18 at the paper's width, trained for an hour's steps on a
+The package ships one such folder (BUNDLED_DIR: PreActResNet18 at the paper's width, trained for 40 epochs on a
 2-core CPU), used wherever `pretrained=True`, a bare `--pretrained`, or no checkpoint of one's own is given.
 
 A pretrained folder holds exactly three files:

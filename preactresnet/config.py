@@ -48,7 +48,7 @@ class TrainConfig:
     whiten_stem: bool = setting(False, MODEL, "initialise the first conv by patch whitening of the training images")
     freeze: str = setting("", MODEL, "parameters that never train, comma-separated: stem (the first conv; with --whiten-stem its "
                           "whitening, as airbench), bn-scale (every BatchNorm's weight stays 1, as airbench)")
-    pretrained: str = setting("", MODEL, "fine-tune from a pretrained folder or Hub repo id (export.py makes them)")
+    pretrained: str = setting("", MODEL, "fine-tune from a pretrained folder (export.py makes them), a Hub repo id or a run's .safetensors checkpoint")
     dataset: str = setting("cifar10", DATA, "cifar10 or cifar100")
     data_dir: str = setting("data", DATA, "a folder (downloads there), an archive, an image tree, or 'sample'")
     download: bool = setting(True, DATA, "download the dataset when --data-dir has none")

@@ -210,8 +210,10 @@ def from_pretrained(spec: str | bool = True, device: torch.device | str = "cpu")
 
 def load_pretrained_into(model: nn.Module, model_name: str, spec: str) -> str:
     """Fine-tuning start: copy pretrained weights into `model`; a different class count re-initializes the head."""
-    folder = resolve_pretrained(spec)
-    state, meta = load_weights(folder / WEIGHTS_NAME)
+    given = Path(spec)
+    own_run = given.suffix == ".safetensors" and given.name != WEIGHTS_NAME and given.is_file()  # a training checkpoint
+    folder = given if own_run else resolve_pretrained(spec)
+    state, meta = load_weights(given if own_run else folder / WEIGHTS_NAME)
     if meta.get("model") != model_name:
         raise CheckpointError(f"--pretrained {spec} holds {meta.get('model')}, not {model_name}; pass --model {meta.get('model')}")
     own = model.state_dict()

@@ -48,6 +48,9 @@ def resolve_pretrained(spec: str | bool, cache_dir: str | None = None) -> Path:
     if path.is_file():
         if path.suffix != ".safetensors":
             raise CheckpointError(f"--pretrained {spec} is no weights file or pretrained folder {taken}")
+        if path.name != WEIGHTS_NAME:  # checkpoints/<run>/last.safetensors: a training checkpoint, read by --checkpoint
+            raise CheckpointError(f"--pretrained {spec} is a training checkpoint, not a pretrained folder: pass --checkpoint {spec} "
+                                  "(train.py --pretrained takes it as it is; export.py makes a folder of it)")
         return path.parent
     if spec.count("/") != 1 or spec.startswith((".", "/")):
         raise CheckpointError(f"--pretrained {spec}: no such folder, and not a Hub repo id of the form owner/name")

@@ -8,6 +8,7 @@ import os
 import stat
 
 import pytest
+import torch
 from PIL import Image
 
 import preactresnet
@@ -114,3 +115,17 @@ def test_a_mistyped_local_folder_is_not_looked_up_on_the_hub(tmp_path, monkeypat
     (tmp_path / "pretrained" / "RUN").mkdir(parents=True)
     with pytest.raises(CheckpointError, match="no such folder in pretrained/"):
         preactresnet.from_pretrained("pretrained/RUNX")
+
+
+def test_a_runs_checkpoint_as_pretrained(run_checkpoint, tmp_path, capsys):  # noqa: F811
+    """--pretrained checkpoints/<run>/best.safetensors was taken for its folder, then failed on a model.safetensors never named."""
+    from preactresnet.hub import load_pretrained_into
+    from preactresnet.models import create_model
+
+    path, model = run_checkpoint
+    fresh = create_model("preactresnet18", width_mult=0.125)
+    assert "loaded pretrained weights" in load_pretrained_into(fresh, "preactresnet18", str(path))  # train.py fine-tunes from it
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+    Image.new("RGB", (32, 32), (120, 90, 60)).save(tmp_path / "cat.png")
+    err = _one_line_error(capsys, main_predict, [str(tmp_path / "cat.png"), "--pretrained", str(path)])
+    assert "is a training checkpoint, not a pretrained folder: pass --checkpoint" in err

@@ -318,3 +318,16 @@ def test_a_resume_finds_a_moved_run_and_refuses_other_data(tmp_path, small_real,
     result = trainer(tmp_path, "--resume", "m", "--checkpoint-dir", str(tmp_path / "moved"), "--data-dir", str(tmp_path / "tree2"),
                      "--batch-size", "8").fit()
     assert result["history"][-1]["step"] == 10
+
+
+def test_a_fresh_run_never_replaces_an_unfinished_one(tmp_path):
+    """A second `make demo` (any fixed --run-name) replaced checkpoints/<run>/ whole, a Ctrl-C'd run's last.state.pt included."""
+    run_dir = _saved_state(tmp_path)  # stopped at step 2 of 6 by a Ctrl-C
+    before = (run_dir / "last.state.pt").read_bytes()
+    cfg, explicit = parse_args(run_args(tmp_path, "--epochs", "2", "--max-steps-per-epoch", "3", "--run-name", "saved"))
+    with pytest.raises(ValueError, match=r"holds an unfinished run \(stopped at step 2, epoch 1\): continue it with --resume") as err:
+        resolve_config(cfg, explicit, DistInfo(), warn=lambda *a: None)
+    assert "\n" not in str(err.value) and (run_dir / "last.state.pt").read_bytes() == before
+    _resolve(run_dir).cfg  # the way it names still resumes
+    trainer(tmp_path, "--resume", str(run_dir)).fit()  # finished now: the same command starts afresh over it
+    assert resolve_config(cfg, explicit, DistInfo(), warn=lambda *a: None).cfg.run_name == "saved"

@@ -8,7 +8,7 @@ import dataclasses
 from datetime import datetime
 from pathlib import Path
 
-from ..checkpoint import find_run, load_state, rank_state
+from ..checkpoint import CheckpointError, find_run, load_state, rank_state
 from ..config import RESUMABLE_OVERRIDES, ResolvedConfig, TrainConfig, from_dict
 from ..distributed import DistInfo, broadcast_object
 from ..optim import muon_algo
@@ -32,6 +32,8 @@ def resolve_config(cfg: TrainConfig, explicit: dict, dist: DistInfo, warn=print)
         cfg, profile = _with_profile(cfg, explicit, warn, dist.world_size)
     if not cfg.run_name:
         cfg = dataclasses.replace(cfg, run_name=f"{cfg.model}-{datetime.now():%Y%m%d-%H%M%S}")
+    elif state is None:
+        _keep_unfinished(Path(cfg.checkpoint_dir) / cfg.run_name)
     cfg, profile = broadcast_object((cfg, profile), dist)  # rank 0's settings on every rank: one run, not several
     return ResolvedConfig(cfg, state, run_dir, profile)
 
@@ -57,10 +59,30 @@ def _resumed_config(cfg: TrainConfig, explicit: dict) -> tuple[TrainConfig, dict
     return saved, state, run_dir
 
 
+def _finished(state: dict, cfg: TrainConfig) -> bool:
+    """Nothing left to train in a saved state (a time budget's epochs are its plan's)."""
+    epochs = RunPlan.from_state(state["plan"]).epochs if state.get("plan") else cfg.epochs
+    return int(state["epoch"]) >= epochs
+
+
+def _keep_unfinished(run_dir: Path) -> None:
+    """A fresh run under a taken --run-name replaces a finished run's folder (a second `make demo`), never
+    a run that can still be resumed."""
+    try:
+        state = load_state(run_dir / "last.state.pt")
+        saved = from_dict({"muon_ns_dtype": "bf16", **state["config"]}, where=f"{run_dir}/last.state.pt")
+    except (CheckpointError, KeyError, TypeError, ValueError):  # none there, or unreadable: nothing resumable to keep
+        return
+    if not _finished(state, saved):
+        raise ValueError(
+            f"{run_dir} holds an unfinished run (stopped at step {int(state['step']):,}, epoch {int(state['epoch']) + 1}): continue "
+            f"it with --resume {run_dir}, or start afresh under another --run-name (or delete that folder)"
+        )
+
+
 def _check_resumable(cfg: TrainConfig, state: dict, run_dir: Path, dist: DistInfo) -> None:
     """Refuse, in one line, a resume that could not continue exactly where the run stopped."""
-    epochs = RunPlan.from_state(state["plan"]).epochs if state.get("plan") else cfg.epochs  # a time budget's is its plan's
-    finished = int(state["epoch"]) >= epochs  # nothing left to train: only evaluation runs
+    finished = _finished(state, cfg)  # nothing left to train: only evaluation runs
     saved_world = int(state.get("world_size", dist.world_size))
     if saved_world != dist.world_size and not finished:
         launch = f"torchrun --nproc_per_node={saved_world} train.py" if saved_world > 1 else "python train.py"

@@ -106,7 +106,7 @@ def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], metadata
 def read_metadata(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found; pass --checkpoint PATH to a .safetensors file or run folder")
+        raise CheckpointError(f"checkpoint {path} not found; check the path of the .safetensors file or run folder")
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}

@@ -212,8 +212,8 @@ def load_pretrained_into(model: nn.Module, model_name: str, spec: str) -> str:
     """Fine-tuning start: copy pretrained weights into `model`; a different class count re-initializes the head."""
     given = Path(spec)
     own_run = given.suffix == ".safetensors" and given.name != WEIGHTS_NAME and given.is_file()  # a training checkpoint
-    folder = given if own_run else resolve_pretrained(spec)
-    state, meta = load_weights(given if own_run else folder / WEIGHTS_NAME)
+    path = given if own_run else resolve_pretrained(spec) / WEIGHTS_NAME
+    state, meta = load_weights(path)
     if meta.get("model") != model_name:
         raise CheckpointError(f"--pretrained {spec} holds {meta.get('model')}, not {model_name}; pass --model {meta.get('model')}")
     own = model.state_dict()
@@ -222,4 +222,5 @@ def load_pretrained_into(model: nn.Module, model_name: str, spec: str) -> str:
         state.pop(k)
         state[k] = own[k]  # keep the freshly initialized head for the new classes
     load_strict(model, state, f"--pretrained {spec}", fix="check --width-mult")
-    return f"loaded pretrained weights from {folder}" + (" (new classifier head for the new classes)" if head else "")
+    new_head = " (new classifier head for the new classes)" if head else ""
+    return f"loaded pretrained weights from {path if own_run else path.parent}{new_head}"

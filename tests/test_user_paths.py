@@ -77,7 +77,6 @@ def test_test_with_checkpoints_scores_the_shipped_weights_on_the_sample(tmp_path
     assert row["error"] is None and "sample" in row["data"] and "2000 images" in row["data"], row
 
 
-
 def test_a_missing_checkpoint_row_names_no_flag_the_script_lacks(run_checkpoint, tmp_path, capsys):  # noqa: F811
     """test_with_checkpoints.py takes paths; its row for a mistyped one said "pass --checkpoint PATH", a flag it has not."""
     path, _ = run_checkpoint
@@ -87,6 +86,7 @@ def test_a_missing_checkpoint_row_names_no_flag_the_script_lacks(run_checkpoint,
     assert rows[str(path)]["error"] is None, rows
     error = rows[str(tmp_path / "lost.safetensors")]["error"]
     assert "not found; check the path" in error and "--checkpoint" not in error
+
 
 def test_a_file_in_place_of_a_folder_is_one_line(run_checkpoint, tmp_path, capsys):  # noqa: F811
     """--fig-dir naming a file ended test_with_checkpoints.py in a FileExistsError traceback, its table unprinted."""

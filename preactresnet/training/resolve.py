@@ -41,8 +41,7 @@ def resolve_config(cfg: TrainConfig, explicit: dict, dist: DistInfo, warn=print)
 def _resumed_config(cfg: TrainConfig, explicit: dict) -> tuple[TrainConfig, dict, Path]:
     """With --resume, the saved config wins; an explicit flag may only change what cannot alter results."""
     run_dir = find_run(cfg.resume, cfg.checkpoint_dir)
-    state = load_state(run_dir / "last.state.pt")
-    saved = from_dict({"muon_ns_dtype": "bf16", **state["config"]}, where=f"{run_dir}/last.state.pt")  # bf16: before it was a setting
+    state, saved = _saved_run(run_dir)
     for key, value in explicit.items():
         if key == "epochs" and saved.time_budget:  # the budget chose the epochs; a recipe's count does not apply
             continue
@@ -59,6 +58,13 @@ def _resumed_config(cfg: TrainConfig, explicit: dict) -> tuple[TrainConfig, dict
     return saved, state, run_dir
 
 
+def _saved_run(run_dir: Path) -> tuple[dict, TrainConfig]:
+    """A run folder's training state and the config it was saved with."""
+    state = load_state(run_dir / "last.state.pt")
+    saved = from_dict({"muon_ns_dtype": "bf16", **state["config"]}, where=f"{run_dir}/last.state.pt")  # bf16: before it was a setting
+    return state, saved
+
+
 def _finished(state: dict, cfg: TrainConfig) -> bool:
     """Nothing left to train in a saved state (a time budget's epochs are its plan's)."""
     epochs = RunPlan.from_state(state["plan"]).epochs if state.get("plan") else cfg.epochs
@@ -69,8 +75,7 @@ def _keep_unfinished(run_dir: Path) -> None:
     """A fresh run under a taken --run-name replaces a finished run's folder (a second `make demo`), never
     a run that can still be resumed."""
     try:
-        state = load_state(run_dir / "last.state.pt")
-        saved = from_dict({"muon_ns_dtype": "bf16", **state["config"]}, where=f"{run_dir}/last.state.pt")
+        state, saved = _saved_run(run_dir)
     except (CheckpointError, KeyError, TypeError, ValueError):  # none there, or unreadable: nothing resumable to keep
         return
     if not _finished(state, saved):

@@ -139,13 +139,14 @@ def save_state(path: str | Path, state: dict) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_state(path: str | Path) -> dict:
-    """Load a training state with weights_only=True: a file that asks to run code is refused."""
+def load_state(path: str | Path, mmap: bool = False) -> dict:
+    """Load a training state with weights_only=True: a file that asks to run code is refused. mmap: its tensors
+    are read only when touched (a check that reads a few numbers of a 134 MB state)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"training state {path} not found; is this a run folder made by train.py?")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         raise CheckpointError(f"{path} holds objects a checkpoint never holds; refusing to load it ({first_line(err, 'unsafe content')})") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:

@@ -49,6 +49,8 @@ def _selection(config: dict) -> str:
         "validation": "best epoch, chosen on a held-out validation split",
         "test": "best epoch, chosen on the TEST set: its test accuracy is optimistic",
     }.get(config.get("selected_on"), "weights after the epoch named")
+    if config.get("averaged"):  # bench/average_weights.py: a mean of weight files, not one run's weights
+        return "the mean of " + " and ".join(f"`{p}`" for p in config["averaged"])
     return chosen + ("; EMA weights" if config.get("ema") else "")
 
 
@@ -56,7 +58,8 @@ def model_card(config: dict) -> str:
     acc = config.get("test_accuracy")
     acc_text = f"{acc:.2f}%" if isinstance(acc, (int, float)) else "not measured"
     recipe = config.get("recipe") or {}
-    epochs = recipe.get("epochs", "?")
+    tuned = f", fine-tuning `{recipe['pretrained']}`" if recipe.get("pretrained") else ""  # a later stage: training began elsewhere
+    epochs = f"{recipe.get('epochs', '?')} (checkpoint from epoch {config.get('epoch', '?')}){tuned}"
     data = config.get("data_description") or f"{config.get('dataset', 'cifar10')} test split"
     command = config.get("command") or "python train.py (command not recorded)"
     name, chosen = config["model"], _selection(config)
@@ -70,7 +73,7 @@ tags: [image-classification, cifar10, {name}]
 |---|---|
 | model | `{name}` ({json.dumps(config['model_args'])}) |
 | test accuracy | **{acc_text}** on the {data} |
-| epochs | {epochs} (checkpoint from epoch {config.get('epoch', '?')}) |
+| epochs | {epochs} |
 | selection | {chosen} |
 {_optional_rows(config)}| classes | {', '.join(config['classes'])} |
 | normalization | mean {config['mean']}, std {config['std']} |
@@ -144,7 +147,8 @@ def writable_out(out: Path) -> Path:
 
 # what config.json repeats from the weights' metadata
 CARRIED = ("model", "model_args", "classes", "mean", "std", "epoch", "test_accuracy", "selected_on", "data_description",
-           "command", "seed", "machine", "weights_dtype", "sample_accuracy", "measured_by", "training")
+           "command", "seed", "machine", "weights_dtype", "sample_accuracy", "measured_by", "training",
+           "averaged")
 
 
 def record_accuracy(folder: str | Path, **measured) -> None:

@@ -133,6 +133,16 @@ def test_the_model_cards_training_row_takes_what_is_recorded():
     assert "| training |" not in model_card({**base, "training": "a note"}) + model_card(base)
 
 
+def test_the_model_cards_epochs_and_selection_rows_say_where_weights_come_from():
+    """A run from --pretrained trained only its own epochs, an averaged file is no one run's: the card says both."""
+    base = {"model": "preactresnet18", "model_args": {}, "classes": ["a"], "mean": [0], "std": [1], "epoch": 8}
+    assert "| epochs | 8 (checkpoint from epoch 8) |" in model_card({**base, "recipe": {"epochs": 8}})
+    tuned = model_card({**base, "recipe": {"epochs": 8, "pretrained": "checkpoints/x1/last.safetensors"}})
+    assert "| epochs | 8 (checkpoint from epoch 8), fine-tuning `checkpoints/x1/last.safetensors` |" in tuned
+    soup = model_card({**base, "ema": True, "averaged": ["pretrained/a", "b/ema.safetensors"]})
+    assert "| selection | the mean of `pretrained/a` and `b/ema.safetensors` |" in soup
+
+
 def test_exporting_a_training_state_names_the_weights_to_pass(tmp_path, capsys):
     """A user who passes last.state.pt (torch.save) gets told which file holds the weights, not 'corrupt'."""
     state = tmp_path / "last.state.pt"
@@ -159,3 +169,29 @@ def test_ema_is_never_answered_with_the_plain_weights(run_checkpoint, capsys):
     save_weights(run / "ema.safetensors", model.state_dict(), {**read_metadata(path), "ema": True})
     assert resolve_checkpoint(str(run), ema=True) == run / "ema.safetensors"
     assert resolve_checkpoint(str(run / "ema.safetensors"), ema=True) == run / "ema.safetensors"
+
+
+def test_averaged_weights_export_with_their_sources(run_checkpoint, tmp_path, capsys):
+    """bench/average_weights.py: floats averaged (BN statistics too), integers and metadata from the last file; the
+    export carries the sources into config.json; another network's file is refused in one line."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("average_weights", ROOT / "bench" / "average_weights.py")
+    avg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(avg)
+    path, model = run_checkpoint
+    state = model.state_dict()
+    other = path.parent / "other.safetensors"
+    save_weights(other, {k: v * 3 if v.is_floating_point() else v + 7 for k, v in state.items()}, read_metadata(path))
+    soup = path.parent / "soup.safetensors"
+    avg.main([str(path), str(other), "--out", str(soup)])
+    out = export(soup, tmp_path / "soup")
+    averaged = preactresnet.from_pretrained(str(out)).state_dict()
+    for key, value in state.items():
+        expected = value * 2 if value.is_floating_point() else value + 7
+        assert torch.allclose(averaged[key], expected), key
+    assert json.loads((out / "config.json").read_text())["averaged"] == [str(path), str(other)]
+    wide = tmp_path / "wide.safetensors"
+    save_weights(wide, create_model("preactresnet18", **{**ARGS, "width_mult": 0.25}).state_dict(), read_metadata(path))
+    with pytest.raises(SystemExit, match="holds another network"):
+        avg.main([str(path), str(wide), "--out", str(tmp_path / "x.safetensors")])

@@ -58,9 +58,9 @@ def _resumed_config(cfg: TrainConfig, explicit: dict) -> tuple[TrainConfig, dict
     return saved, state, run_dir
 
 
-def _saved_run(run_dir: Path) -> tuple[dict, TrainConfig]:
-    """A run folder's training state and the config it was saved with."""
-    state = load_state(run_dir / "last.state.pt")
+def _saved_run(run_dir: Path, mmap: bool = False) -> tuple[dict, TrainConfig]:
+    """A run folder's training state and the config it was saved with (mmap: its tensors left on disk)."""
+    state = load_state(run_dir / "last.state.pt", mmap=mmap)
     saved = from_dict({"muon_ns_dtype": "bf16", **state["config"]}, where=f"{run_dir}/last.state.pt")  # bf16: before it was a setting
     return state, saved
 
@@ -75,7 +75,7 @@ def _keep_unfinished(run_dir: Path) -> None:
     """A fresh run under a taken --run-name replaces a finished run's folder (a second `make demo`), never
     a run that can still be resumed."""
     try:
-        state, saved = _saved_run(run_dir)
+        state, saved = _saved_run(run_dir, mmap=True)  # three numbers read; the weights stay on disk
     except (CheckpointError, KeyError, TypeError, ValueError):  # none there, or unreadable: nothing resumable to keep
         return
     if not _finished(state, saved):

@@ -1,6 +1,6 @@
 """Pretrained weights as Hugging Face Hub folders: export, push, and load (locally or by repo id), safely.
 
-The package ships one such folder (BUNDLED_DIR: PreActResNet18 at the paper's width, trained for 40 epochs on a
+The package ships one such folder (BUNDLED_DIR: PreActResNet18 at the paper's width, trained for 60 epochs in three stages on a
 2-core CPU), used wherever `pretrained=True`, a bare `--pretrained`, or no checkpoint of one's own is given.
 
 A pretrained folder holds exactly three files:
@@ -50,7 +50,8 @@ def _selection(config: dict) -> str:
         "test": "best epoch, chosen on the TEST set: its test accuracy is optimistic",
     }.get(config.get("selected_on"), "weights after the epoch named")
     if config.get("averaged"):  # bench/average_weights.py: a mean of weight files, not one run's weights
-        return "the mean of " + " and ".join(f"`{p}`" for p in config["averaged"])
+        names = [f"`{p}`" for p in config["averaged"]]
+        return "the mean of " + ", ".join(names[:-1]) + " and " + names[-1]
     return chosen + ("; EMA weights" if config.get("ema") else "")
 
 

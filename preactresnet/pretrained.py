@@ -23,7 +23,7 @@ BUNDLED_DIR = Path(__file__).with_name("weights") / "preactresnet18_cifar10_cpu"
 
 
 def bundled_folder() -> Path:
-    """The pretrained folder inside the package (configs/cpu_15min.yaml at x1.0 for 40 epochs; see its README.md)."""
+    """The pretrained folder inside the package (configs/cpu_15min.yaml at x1.0, 60 epochs in three stages; see its README.md)."""
     if not (BUNDLED_DIR / WEIGHTS_NAME).is_file():
         raise CheckpointError(f"the bundled weights are missing ({BUNDLED_DIR / WEIGHTS_NAME}); reinstall the package, or pass a folder or Hub repo id")
     return BUNDLED_DIR

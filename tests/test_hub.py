@@ -172,8 +172,9 @@ def test_ema_is_never_answered_with_the_plain_weights(run_checkpoint, capsys):
 
 
 def test_averaged_weights_export_with_their_sources(run_checkpoint, tmp_path, capsys):
-    """bench/average_weights.py: floats averaged (BN statistics too), integers and metadata from the last file; the
-    export carries the sources into config.json; another network's file is refused in one line."""
+    """bench/average_weights.py: floats averaged (BN statistics too), integers and metadata from the last file, less its
+    figures; the export carries the sources into config.json; another network, other classes, a run folder or a folder
+    as --out are refused in one line."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("average_weights", ROOT / "bench" / "average_weights.py")
@@ -190,8 +191,15 @@ def test_averaged_weights_export_with_their_sources(run_checkpoint, tmp_path, ca
     for key, value in state.items():
         expected = value * 2 if value.is_floating_point() else value + 7
         assert torch.allclose(averaged[key], expected), key
-    assert json.loads((out / "config.json").read_text())["averaged"] == [str(path), str(other)]
+    config = json.loads((out / "config.json").read_text())
+    assert config["averaged"] == [path.name, other.name]  # outside the working folder: names alone, as data paths
+    assert config["test_accuracy"] is None and config["training"] is None  # the last file's figures are not the mean's
     wide = tmp_path / "wide.safetensors"
     save_weights(wide, create_model("preactresnet18", **{**ARGS, "width_mult": 0.25}).state_dict(), read_metadata(path))
-    with pytest.raises(SystemExit, match="holds another network"):
-        avg.main([str(path), str(wide), "--out", str(tmp_path / "x.safetensors")])
+    relabelled = tmp_path / "relabelled.safetensors"
+    save_weights(relabelled, state, {**read_metadata(path), "classes": CLASSES[::-1]})
+    refused = {"holds another network": [path, wide], "differs from .* in classes": [path, relabelled],
+               "holds no model.safetensors": [path, path.parent], "no .safetensors file name": [path, other, "--out", tmp_path]}
+    for message, args in refused.items():
+        with pytest.raises(SystemExit, match=message):
+            avg.main([str(a) for a in args] + ([] if "--out" in args else ["--out", str(tmp_path / "x.safetensors")]))

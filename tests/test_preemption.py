@@ -203,7 +203,8 @@ def test_leftover_temporaries_are_never_listed_as_checkpoints(tmp_path):
         collect_checkpoints([], str(empty))
 
 
-def test_state_then_last_then_best(tmp_path, monkeypatch):
+def test_best_then_state_then_last(tmp_path, monkeypatch):
+    """The order that a kill cannot turn into a best.safetensors older than the state naming it (test below)."""
     written = []
     import preactresnet.training.state as state  # where the save rules live
 
@@ -211,7 +212,7 @@ def test_state_then_last_then_best(tmp_path, monkeypatch):
         real = getattr(state, name)
         monkeypatch.setattr(state, name, lambda path, *a, _real=real, **k: written.append(path.name) or _real(path, *a, **k))
     trainer(tmp_path, "--epochs", "1", "--max-steps-per-epoch", "2", "--ema").fit()
-    assert written == ["last.state.pt", "last.safetensors", "ema.safetensors", "best.safetensors"]
+    assert written == ["best.safetensors", "last.state.pt", "last.safetensors", "ema.safetensors"]
 
 
 def test_metadata_ema_accuracy_selection_and_no_absolute_paths(tmp_path, small_real):
@@ -331,3 +332,37 @@ def test_a_fresh_run_never_replaces_an_unfinished_one(tmp_path):
     _resolve(run_dir).cfg  # the way it names still resumes
     trainer(tmp_path, "--resume", str(run_dir)).fit()  # finished now: the same command starts afresh over it
     assert resolve_config(cfg, explicit, DistInfo(), warn=lambda *a: None).cfg.run_name == "saved"
+
+
+@pytest.mark.parametrize("killed_write", [1, 2, 3])
+def test_a_kill_while_saving_never_leaves_best_behind_the_state(tmp_path, monkeypatch, killed_write):
+    """A hard kill at the 1st, 2nd or 3rd file epoch 2 writes (best, state, last), then --resume to the end:
+    best.safetensors holds the epoch the state names as best, with that epoch's weights (the run improves each epoch)."""
+    import preactresnet.training.state as state_module
+
+    judge, scores = state_module.Checkpointer.judge, iter(range(1, 100))  # each evaluation better than the last
+    monkeypatch.setattr(state_module.Checkpointer, "judge", lambda self, ev: (float(next(scores)), *judge(self, ev)[1:]))
+    flags = ["--epochs", "2", "--max-steps-per-epoch", "3", "--eval-every", "1", "--deterministic", "--no-ema"]
+    trainer(tmp_path, *flags, "--run-name", "straight").fit()
+    epoch, writes = [0], []
+
+    def killing(write):
+        def wrapped(path, *args):
+            writes.extend([path] if epoch[0] == 2 else [])
+            if len(writes) == killed_write:
+                raise SystemError("killed")  # as SIGKILL: no handler runs, what was written stays
+            return write(path, *args)
+        return wrapped
+
+    save_epoch = state_module.Checkpointer.save_epoch
+    with monkeypatch.context() as m:
+        m.setattr(state_module.Checkpointer, "save_epoch", lambda self, e, *a: epoch.__setitem__(0, e) or save_epoch(self, e, *a))
+        m.setattr(state_module, "save_state", killing(state_module.save_state))
+        m.setattr(state_module, "save_weights", killing(state_module.save_weights))
+        with pytest.raises(SystemError):
+            trainer(tmp_path, *flags, "--run-name", "cut").fit()
+    trainer(tmp_path, "--resume", str(tmp_path / "ck" / "cut")).fit()
+    run = tmp_path / "ck" / "cut"
+    assert read_metadata(run / "best.safetensors")["epoch"] == load_state(run / "last.state.pt")["best_epoch"] == 2
+    x, y = _weights(tmp_path / "ck" / "straight" / "best.safetensors"), _weights(run / "best.safetensors")
+    assert all(torch.equal(x[k], y[k]) for k in x)

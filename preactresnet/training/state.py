@@ -1,7 +1,7 @@
 """The training state: `Checkpointer` writes a run's files, given what they hold (timm's CheckpointSaver is the
-model): `last.state.pt` (each object through its own state_dict), last, EMA and best weights, in that order, each
-replaced atomically; and loads them back into its objects for an exact resume. It keeps the best epoch's score, as
-timm's does. `run_record` is the run's own values in that state; `Resumed` reads them back, `resumed_meta` the command
+model): best weights (when the epoch improved), `last.state.pt` (each object through its own state_dict), last and
+EMA weights, in that order, each replaced atomically; and loads them back into its objects for an exact resume. It
+keeps the best epoch's score, as timm's does. `run_record` is the run's own values in that state; `Resumed` reads them back, `resumed_meta` the command
 and machines its weights name; `starting_point` is what the time budget's calibration starts over from.
 """
 
@@ -30,21 +30,19 @@ class Checkpointer:
         self.best_metric, self.best_epoch = -1.0, -1
 
     def save_epoch(self, epoch: int, ev: EpochEval | None, record: dict, plan: dict | None) -> None:
-        """After `epoch` epochs: the state and last weights, then best.safetensors if the chosen split improved (a kill
-        between the two leaves a resumable state; `ev` None: not evaluated, no best to judge). `plan`: the length a
-        time budget chose, for the metadata."""
-        if ev is None:
-            return self.save_last(epoch, record, plan)
-        accuracy, weights, accuracies, split = self.judge(ev)
-        improved = accuracy > self.best_metric
-        if improved:
-            self.best_metric, self.best_epoch = accuracy, epoch
+        """After `epoch` epochs: best.safetensors if the chosen split improved, then the state and last weights. Best
+        first: a kill between them leaves the last epoch's state, whose resume trains this epoch again and writes both;
+        the other order left a finished state naming a best epoch that best.safetensors never held. `ev` None: not
+        evaluated, no best to judge. `plan`: the length a time budget chose, for the metadata."""
+        if ev is not None:
+            accuracy, weights, accuracies, split = self.judge(ev)
+            if accuracy > self.best_metric:
+                self.best_metric, self.best_epoch = accuracy, epoch
+                self.save_best(epoch, weights, accuracies, split, plan, record)
         self.save_last(epoch, record, plan)
-        if improved:
-            self.save_best(epoch, weights, accuracies, split, plan, record)
 
     def save_last(self, epoch: int, record: dict, plan: dict | None) -> None:
-        """State, then last weights, then EMA weights (before best). Every rank takes part (each contributes its
+        """State, then last weights, then EMA weights (after best). Every rank takes part (each contributes its
         own loader position and random streams); rank 0 writes. `record`: the run's own values (run_record)."""
         ranks = gather_objects({"loader": self.loader.state_dict(), "rng": rng_state()}, self.dist)
         if not self.dist.is_main:

@@ -45,13 +45,13 @@ def _recipe(checkpoint: Path) -> dict:
 
 
 def _selection(config: dict) -> str:
+    if config.get("averaged"):  # bench/average_weights.py: a mean of weight files, not one run's weights
+        names = [f"`{p}`" for p in config["averaged"]]
+        return "the mean of " + ", ".join(names[:-1]) + " and " + names[-1]
     chosen = {
         "validation": "best epoch, chosen on a held-out validation split",
         "test": "best epoch, chosen on the TEST set: its test accuracy is optimistic",
     }.get(config.get("selected_on"), "weights after the epoch named")
-    if config.get("averaged"):  # bench/average_weights.py: a mean of weight files, not one run's weights
-        names = [f"`{p}`" for p in config["averaged"]]
-        return "the mean of " + ", ".join(names[:-1]) + " and " + names[-1]
     return chosen + ("; EMA weights" if config.get("ema") else "")
 
 

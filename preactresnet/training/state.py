@@ -1,8 +1,9 @@
 """The training state: `Checkpointer` writes a run's files, given what they hold (timm's CheckpointSaver is the
 model): best weights (when the epoch improved), `last.state.pt` (each object through its own state_dict), last and
 EMA weights, in that order, each replaced atomically; and loads them back into its objects for an exact resume. It
-keeps the best epoch's score, as timm's does. `run_record` is the run's own values in that state; `Resumed` reads them back, `resumed_meta` the command
-and machines its weights name; `starting_point` is what the time budget's calibration starts over from.
+keeps the best epoch's score, as timm's does. `run_record` is the run's own values in that state; `Resumed` reads them
+back, `resumed_meta` the command and machines its weights name; `starting_point` is what the time budget's
+calibration starts over from.
 """
 
 from __future__ import annotations

@@ -334,15 +334,13 @@ def test_a_fresh_run_never_replaces_an_unfinished_one(tmp_path):
     assert resolve_config(cfg, explicit, DistInfo(), warn=lambda *a: None).cfg.run_name == "saved"
 
 
-@pytest.mark.parametrize("killed_write", [1, 2, 3])
-def test_a_kill_while_saving_never_leaves_best_behind_the_state(tmp_path, monkeypatch, killed_write):
-    """A hard kill at the 1st, 2nd or 3rd file epoch 2 writes (best, state, last), then --resume to the end:
-    best.safetensors holds the epoch the state names as best, with that epoch's weights (the run improves each epoch)."""
+def _killed_at_write(tmp_path, monkeypatch, flags: list, killed_write: int) -> list:
+    """Train `flags` unbroken ("straight"), then as "cut" hard-killed at the `killed_write`-th file that epoch 2's save
+    writes, then --resume "cut" to its end; the resumed run's lines. Each evaluation scores better than the last."""
     import preactresnet.training.state as state_module
 
-    judge, scores = state_module.Checkpointer.judge, iter(range(1, 100))  # each evaluation better than the last
+    judge, scores = state_module.Checkpointer.judge, iter(range(1, 100))
     monkeypatch.setattr(state_module.Checkpointer, "judge", lambda self, ev: (float(next(scores)), *judge(self, ev)[1:]))
-    flags = ["--epochs", "2", "--max-steps-per-epoch", "3", "--eval-every", "1", "--deterministic", "--no-ema"]
     trainer(tmp_path, *flags, "--run-name", "straight").fit()
     epoch, writes = [0], []
 
@@ -362,8 +360,35 @@ def test_a_kill_while_saving_never_leaves_best_behind_the_state(tmp_path, monkey
         m.setattr(state_module, "save_weights", killing(state_module.save_weights))
         with pytest.raises(SystemError):
             trainer(tmp_path, *flags, "--run-name", "cut").fit()
-    trainer(tmp_path, "--resume", str(tmp_path / "ck" / "cut")).fit()
+    lines = []
+    training.Trainer.from_config(*parse_args(run_args(tmp_path, "--resume", str(tmp_path / "ck" / "cut"))),
+                                 out=lambda *a: lines.append(" ".join(map(str, a)))).fit()
+    return lines
+
+
+KILL_FLAGS = ["--epochs", "2", "--max-steps-per-epoch", "3", "--eval-every", "1", "--deterministic"]
+
+
+@pytest.mark.parametrize("killed_write", [1, 2, 3])
+def test_a_kill_while_saving_never_leaves_best_behind_the_state(tmp_path, monkeypatch, killed_write):
+    """A hard kill at the 1st, 2nd or 3rd file epoch 2 writes (best, state, last), then --resume to the end:
+    best.safetensors holds the epoch the state names as best, with that epoch's weights."""
+    _killed_at_write(tmp_path, monkeypatch, [*KILL_FLAGS, "--no-ema"], killed_write)
     run = tmp_path / "ck" / "cut"
     assert read_metadata(run / "best.safetensors")["epoch"] == load_state(run / "last.state.pt")["best_epoch"] == 2
     x, y = _weights(tmp_path / "ck" / "straight" / "best.safetensors"), _weights(run / "best.safetensors")
     assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.parametrize("killed_write", [3, 4])
+def test_a_kill_after_the_state_leaves_no_weights_behind_it(tmp_path, monkeypatch, killed_write):
+    """A hard kill at epoch 2's last or EMA weights, after its state landed: the resume (of a finished run: it trains
+    nothing) writes them again from the state, as an unbroken run left them, and says so."""
+    lines = _killed_at_write(tmp_path, monkeypatch, [*KILL_FLAGS, "--ema"], killed_write)
+    assert any("rewritten from the state" in line for line in lines)
+    for name in ("last.safetensors", "ema.safetensors"):
+        straight, cut = tmp_path / "ck" / "straight" / name, tmp_path / "ck" / "cut" / name
+        assert read_metadata(cut)["epoch"] == read_metadata(straight)["epoch"] == 2
+        assert read_metadata(cut)["training"]["steps"] == read_metadata(straight)["training"]["steps"]
+        x, y = _weights(straight), _weights(cut)
+        assert all(torch.equal(x[k], y[k]) for k in x)

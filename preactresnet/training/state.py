@@ -1,9 +1,9 @@
 """The training state: `Checkpointer` writes a run's files, given what they hold (timm's CheckpointSaver is the
 model): best weights (when the epoch improved), `last.state.pt` (each object through its own state_dict), last and
-EMA weights, in that order, each replaced atomically; and loads them back into its objects for an exact resume. It
-keeps the best epoch's score, as timm's does. `run_record` is the run's own values in that state; `Resumed` reads them
-back, `resumed_meta` the command and machines its weights name; `starting_point` is what the time budget's
-calibration starts over from.
+EMA weights, in that order, each replaced atomically; and loads them back into its objects for an exact resume
+(writing the last and EMA weights again where a kill left them behind the state). It keeps the best epoch's score, as
+timm's does. `run_record` is the run's own values in that state; `Resumed` reads them back, `resumed_meta` the command
+and machines its weights name; `starting_point` is what the time budget's calibration starts over from.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ class Checkpointer:
         self.model, self.optimizer, self.scaler, self.ema, self.loader = parts.model, parts.optimizer, parts.scaler, parts.ema, loader
         self.lookahead = parts.lookahead
         self.best_metric, self.best_epoch = -1.0, -1
+        self.mended: list[str] = []  # the weights files a resume wrote again (mend_last_weights)
 
     def save_epoch(self, epoch: int, ev: EpochEval | None, record: dict, plan: dict | None) -> None:
         """After `epoch` epochs: best.safetensors if the chosen split improved, then the state and last weights. Best
@@ -57,6 +58,10 @@ class Checkpointer:
             "best_metric": self.best_metric, "best_epoch": self.best_epoch, **record,
         }
         save_state(self.dirs.checkpoints / "last.state.pt", state)
+        self.save_last_weights(epoch, record, plan)
+
+    def save_last_weights(self, epoch: int, record: dict, plan: dict | None) -> None:
+        """last.safetensors and ema.safetensors of the weights the state holds (rank 0 only)."""
         last = record["history"][-1] if record["history"] else {}
         last = last if last.get("step") == record["step"] else {}  # a stop mid-epoch: no score of these weights yet
         meta = self.meta.at(epoch, plan=plan, training=trained(epoch, record), test_accuracy=last.get("test_acc"))
@@ -103,7 +108,31 @@ class Checkpointer:
         same_device = state.get("device_type", device_type) == device_type
         self.loader.load_state_dict(mine["loader"], generator=same_device)
         set_rng_state(mine["rng"])
+        self.mend_last_weights(state)
         return same_device
+
+    def mend_last_weights(self, state: dict) -> None:
+        """A kill between the state and the last or EMA weights (save_last) left those a save behind it: written again
+        from the state just loaded, so that a finished run's resume (which trains nothing) leaves all three in step."""
+        files = ["last.safetensors"] + (["ema.safetensors"] if self.ema is not None and state.get("ema") is not None else [])
+        known = self.dist.is_main and "spent_seconds" in state  # a state older than the run's clock: minutes unknown
+        self.mended = [f for f in files if _behind(self.dirs.checkpoints / f, state)] if known else []
+        if self.mended:
+            plan = {k: state["plan"][k] for k in ("epochs", "total_steps")} if state.get("budget") else None
+            self.save_last_weights(int(state["epoch"]), state, plan)  # the state holds the run record it saved
+
+    def mend_line(self) -> str:
+        """What mend_last_weights wrote, for the resumed run's line."""
+        return f"; {' and '.join(self.mended)} rewritten from the state (a kill had left them behind it)" if self.mended else ""
+
+
+def _behind(path, state: dict) -> bool:
+    """Whether weights at `path` are missing, unreadable, or from another step than the state's."""
+    try:
+        meta = read_metadata(path)
+    except CheckpointError:
+        return True
+    return (meta.get("training") or {}).get("steps", state["step"]) != state["step"] or meta.get("epoch") != state["epoch"]
 
 
 def check_same_data(state: dict, classes: list, steps_per_epoch: int, run_dir) -> None:

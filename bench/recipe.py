@@ -84,6 +84,8 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "muon-lr0.01": ("Muon, lr 0.01", ["--optimizer", "muon", "--lr", "0.01", "--warmup-lr", "0.001"]),
     "muon-lr0.04": ("Muon, lr 0.04", ["--optimizer", "muon", "--lr", "0.04", "--warmup-lr", "0.004"]),
     "muon-lr0.03": ("Muon, lr 0.03", ["--optimizer", "muon", "--lr", "0.03", "--warmup-lr", "0.003"]),
+    "polar": ("Muon's orthogonalization with timm's Polar Express coefficients, not its quintic ones",
+              ["--muon-ns-coefficients", "polar_express"]),
     "warm0.25": ("warmup 0.25 epochs", ["--warmup-epochs", "0.25"]),
     "warm1": ("warmup 1 epoch", ["--warmup-epochs", "1"]),
     "head0.1": ("the classifier at a tenth of the lr (Muon: AdamW 0.002, not 0.02)", ["--head-lr-scale", "0.1"]),

@@ -33,7 +33,8 @@ MODEL, DATA, AUGMENT, MIXING, OPTIM, SCHEDULE, SPEED, OUTPUT, REPRO = (  # the -
 
 
 SPEED_CHOICES = {"channels_last": ("auto", "on", "off"), "compile": ("auto", "on", "off"), "conv_wgrad": ("auto", "aten", "matmul")}
-MUON_CHOICES = {"muon_ns_dtype": ("auto", "bf16", "bf16-gram", "fp32"), "muon_algo": ("muon", "adamuon"), "muon_adjust_lr": ("match_rms_adamw", "original")}
+MUON_CHOICES = {"muon_ns_dtype": ("auto", "bf16", "bf16-gram", "fp32"), "muon_algo": ("muon", "adamuon"),
+                "muon_adjust_lr": ("match_rms_adamw", "original"), "muon_ns_coefficients": ("quintic", "polar_express", "original")}
 AUGMENT_SETTINGS = ("crop_padding", "crop_fill", "flip_prob", "jitter_prob", "brightness", "contrast", "saturation", "hue", "erase_prob")
 FREEZE_CHOICES = ("stem", "bn-scale")
 SWITCHES = ("compile",)  # settings that were on/off switches and now also take auto: --x, --x auto|on|off, --no-x
@@ -79,6 +80,8 @@ class TrainConfig:
     muon_ns_dtype: str = setting("auto", OPTIM, "Muon's orthogonalization: auto (the fastest timed here on a CPU; bf16 on GPUs "
                                  "from sm80) | bf16 (timm's) | bf16-gram (its Gram form, restarted) | fp32 (Gram form)")
     muon_adjust_lr: str = setting("match_rms_adamw", OPTIM, "Muon's step per shape: match_rms_adamw (0.2 lr) | original")
+    muon_ns_coefficients: str = setting("quintic", OPTIM, "Muon's 5 orthogonalization steps, timm's presets: quintic | polar_express "
+                                        "(Amsel et al. 2025: small singular values raised further) | original (Keller Jordan's)")
     muon_algo: str = setting("muon", OPTIM, "muon | adamuon (timm's AdaMuon: Adam's second moment on the orthogonal step)")
     muon_fixed_norm: bool = setting(False, OPTIM, "Muon's weights scaled back to their first norm after each step (airbench)")
     lr: float = setting(0.05, OPTIM, "peak learning rate")

@@ -166,8 +166,8 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, lr_scale: float = 1) -> 
         capturable = next(model.parameters()).is_cuda and "capturable" in inspect.signature(Muon).parameters
         name = ns_dtype_name(cfg)
         return MuonNS(groups, ns_dtype=NS_DTYPES[name], gram=name != "bf16", fixed_norm=cfg.muon_fixed_norm,
-                      adjust_lr_fn=cfg.muon_adjust_lr, **muon_algo(cfg), lr=lr, weight_decay=cfg.weight_decay,
-                      momentum=cfg.momentum, nesterov=True, **({"capturable": True} if capturable else {}))
+                      adjust_lr_fn=cfg.muon_adjust_lr, ns_coefficients=cfg.muon_ns_coefficients, **muon_algo(cfg), lr=lr,
+                      weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=True, **({"capturable": True} if capturable else {}))
     # timm's 'sgd' is Nesterov SGD; every group starts at the base lr (the scheduler applies 'lr_scale').
     extra = {}
     if wants_fused(cfg.optimizer, next(model.parameters()).device):

@@ -143,6 +143,22 @@ def test_adamuon_steps_through_the_chosen_orthogonalization(sample_dataset):
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize("preset", ["quintic", "polar_express"])
+def test_muon_orthogonalizes_with_the_chosen_preset(monkeypatch, preset):
+    """--muon-ns-coefficients hands timm's preset to the orthogonalization, in the precision chosen."""
+    import timm.optim.muon as timm_muon
+    import preactresnet.optim as optim
+
+    seen, real = [], optim.newton_schulz
+    monkeypatch.setattr(optim, "newton_schulz", lambda G, steps, co, *a, **k: seen.append((co, k["dtype"])) or real(G, steps, co, *a, **k))
+    model = create_model("preactresnet18", width_mult=0.125)
+    opt = build_optimizer(TrainConfig(optimizer="muon", muon_ns_coefficients=preset, muon_ns_dtype="fp32"), model)
+    F.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.arange(4)).backward()
+    opt.step()
+    wanted = timm_muon.resolve_ns_coefficients(preset, timm_muon._COEFFICIENTS)
+    assert len(seen) == sum(p.ndim == 4 for p in model.parameters()) and all(s == (wanted, torch.float32) for s in seen)
+
+
 def test_an_algo_this_timm_lacks_is_refused_before_start_up(tmp_path, capsys, monkeypatch):
     from preactresnet import optim
     from preactresnet.cli import main_train
@@ -287,6 +303,7 @@ def test_bad_technique_settings_are_one_line_errors(tmp_path, capsys):
                            (["--head-lr-scale", "-1"], "--head-lr-scale must be > 0"),
                            (["--muon-algo", "adam"], "--muon-algo must be muon or adamuon"),
                            (["--muon-adjust-lr", "kimi"], "--muon-adjust-lr must be match_rms_adamw or original"),
+                           (["--muon-ns-coefficients", "cubic"], "--muon-ns-coefficients must be quintic, polar_express or original"),
                            (["--crop-fill", "edge"], "--crop-fill must be zero or reflect, got 'edge'"),
                            (["--freeze", "stem,head"], "--freeze takes stem and bn-scale, comma-separated; got 'stem,head'")):
         with pytest.raises(SystemExit) as exc:

@@ -385,10 +385,27 @@ def test_a_kill_after_the_state_leaves_no_weights_behind_it(tmp_path, monkeypatc
     """A hard kill at epoch 2's last or EMA weights, after its state landed: the resume (of a finished run: it trains
     nothing) writes them again from the state, as an unbroken run left them, and says so."""
     lines = _killed_at_write(tmp_path, monkeypatch, [*KILL_FLAGS, "--ema"], killed_write)
-    assert any("rewritten from the state" in line for line in lines)
+    assert sum("written again from the state" in line for line in lines) == 1
     for name in ("last.safetensors", "ema.safetensors"):
         straight, cut = tmp_path / "ck" / "straight" / name, tmp_path / "ck" / "cut" / name
         assert read_metadata(cut)["epoch"] == read_metadata(straight)["epoch"] == 2
         assert read_metadata(cut)["training"]["steps"] == read_metadata(straight)["training"]["steps"]
         x, y = _weights(straight), _weights(cut)
         assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_a_resume_writes_no_weights_that_are_in_step_and_mends_a_budgets_with_its_plan(tmp_path):
+    """Nothing behind: a finished run's resume leaves its weights as they were and says nothing of them. A time
+    budget's last weights, deleted: written again with the plan its state holds (epochs and steps)."""
+    t = trainer(tmp_path, "--epochs", "2", "--max-steps-per-epoch", "3", "--run-name", "done")
+    t.fit()
+    run = tmp_path / "ck" / "done"
+    before = (run / "last.safetensors").read_bytes()
+    lines = []
+    training.Trainer.from_config(*parse_args(run_args(tmp_path, "--resume", str(run))), out=lambda *a: lines.append(str(a))).fit()
+    assert (run / "last.safetensors").read_bytes() == before and not any("written again" in line for line in lines)
+    state = {**load_state(run / "last.state.pt"), "budget": {"seconds": 60.0}}  # as a --time-budget run saves it
+    (run / "last.safetensors").unlink()
+    t.checkpointer.mend_last_weights(state)
+    assert read_metadata(run / "last.safetensors")["plan"] == {"epochs": 2, "total_steps": 6}
+    assert t.checkpointer.mended.startswith("; last.safetensors written again")

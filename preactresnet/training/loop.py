@@ -204,7 +204,7 @@ class Trainer:
         self.log.history = r.history
         self.step_parts.scheduler.step_update(num_updates=self.step)  # the rate is a pure function of the step: no saved state
         self.budget = TimeBudget.from_state(state, self.plan, self.dist, self.clock, self.cfg.eval_every)
-        self.out(resumed_line(state, run_dir, r, self.loaders.train.batch, same_device) + self.checkpointer.mend_line())
+        self.out(resumed_line(state, run_dir, r, self.loaders.train.batch, same_device) + self.checkpointer.mended)
 
     def _check_budget(self, ended: int, eval_seconds: float | None = None, bar=None, epoch_end: bool = False) -> None:
         """--time-budget: re-plan from the progress since the last check (`ended`: epochs ended so far)."""

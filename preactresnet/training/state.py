@@ -13,11 +13,16 @@ from datetime import datetime, timezone
 
 from ..checkpoint import CheckpointError, WeightsMeta, rank_state, read_metadata, save_state, save_weights
 from ..config import ResolvedConfig
+from ..fileio import first_line
+from ..plan import RunPlan
 from ..distributed import DistInfo, gather_objects
 from ..system import PRECISION_NAMES, rng_state, set_rng_state
 from ..evaluation import EpochEval
 from .runlog import RunDirs, StepStats
 from ..step import StepParts
+
+
+LAST_FILES = ("last.safetensors", "ema.safetensors")  # the weights save_last writes after the state
 
 
 class Checkpointer:
@@ -29,7 +34,7 @@ class Checkpointer:
         self.model, self.optimizer, self.scaler, self.ema, self.loader = parts.model, parts.optimizer, parts.scaler, parts.ema, loader
         self.lookahead = parts.lookahead
         self.best_metric, self.best_epoch = -1.0, -1
-        self.mended: list[str] = []  # the weights files a resume wrote again (mend_last_weights)
+        self.mended = ""  # what a resume wrote again (mend_last_weights)
 
     def save_epoch(self, epoch: int, ev: EpochEval | None, record: dict, plan: dict | None) -> None:
         """After `epoch` epochs: best.safetensors if the chosen split improved, then the state and last weights. Best
@@ -60,16 +65,18 @@ class Checkpointer:
         save_state(self.dirs.checkpoints / "last.state.pt", state)
         self.save_last_weights(epoch, record, plan)
 
-    def save_last_weights(self, epoch: int, record: dict, plan: dict | None) -> None:
-        """last.safetensors and ema.safetensors of the weights the state holds (rank 0 only)."""
-        last = record["history"][-1] if record["history"] else {}
+    def save_last_weights(self, epoch: int, record: dict, plan: dict | None, files=LAST_FILES, meta: WeightsMeta | None = None):
+        """Those of last.safetensors and ema.safetensors in `files`, of the weights the state holds (rank 0 only);
+        `meta`: the run's description they carry (this Checkpointer's unless given)."""
+        meta, last = meta or self.meta, record["history"][-1] if record["history"] else {}
         last = last if last.get("step") == record["step"] else {}  # a stop mid-epoch: no score of these weights yet
-        meta = self.meta.at(epoch, plan=plan, training=trained(epoch, record), test_accuracy=last.get("test_acc"))
-        save_weights(self.dirs.checkpoints / "last.safetensors", self.model.state_dict(), meta)
-        if self.ema is not None:
-            ema_meta = self.meta.at(epoch, ema=True, plan=plan, training=trained(epoch, record),
-                                    test_accuracy=last.get("ema_test_acc"))
-            save_weights(self.dirs.checkpoints / "ema.safetensors", self.ema.module.state_dict(), ema_meta)
+        at = {"plan": plan, "training": trained(epoch, record)}
+        if LAST_FILES[0] in files:
+            save_weights(self.dirs.checkpoints / LAST_FILES[0], self.model.state_dict(),
+                         meta.at(epoch, test_accuracy=last.get("test_acc"), **at))
+        if self.ema is not None and LAST_FILES[1] in files:
+            save_weights(self.dirs.checkpoints / LAST_FILES[1], self.ema.module.state_dict(),
+                         meta.at(epoch, ema=True, test_accuracy=last.get("ema_test_acc"), **at))
 
     def judge(self, ev: EpochEval) -> tuple[float, object, dict, str]:
         """The split that chooses the best epoch (validation if held out, else test) and the weights it chose:
@@ -112,25 +119,29 @@ class Checkpointer:
         return same_device
 
     def mend_last_weights(self, state: dict) -> None:
-        """A kill between the state and the last or EMA weights (save_last) left those a save behind it: written again
-        from the state just loaded, so that a finished run's resume (which trains nothing) leaves all three in step."""
-        files = ["last.safetensors"] + (["ema.safetensors"] if self.ema is not None and state.get("ema") is not None else [])
+        """A kill between the state and the last or EMA weights (save_last) left those a save behind it (or they were
+        deleted): written again from the state just loaded, as save_last would have, naming the machine that trained
+        them; a finished run's resume trains nothing, so they would stay behind. Rank 0 writes; `mended` says what."""
+        files = LAST_FILES if self.ema is not None and state.get("ema") is not None else LAST_FILES[:1]
         known = self.dist.is_main and "spent_seconds" in state  # a state older than the run's clock: minutes unknown
-        self.mended = [f for f in files if _behind(self.dirs.checkpoints / f, state)] if known else []
-        if self.mended:
-            plan = {k: state["plan"][k] for k in ("epochs", "total_steps")} if state.get("budget") else None
-            self.save_last_weights(int(state["epoch"]), state, plan)  # the state holds the run record it saved
-
-    def mend_line(self) -> str:
-        """What mend_last_weights wrote, for the resumed run's line."""
-        return f"; {' and '.join(self.mended)} rewritten from the state (a kill had left them behind it)" if self.mended else ""
+        behind = [f for f in files if _behind(self.dirs.checkpoints / f, state)] if known else []
+        if not behind:
+            return
+        saved = RunPlan.from_state(state["plan"])
+        plan = {"epochs": saved.epochs, "total_steps": saved.total_steps} if state.get("budget") else None
+        meta, names = replace(self.meta, machine=state.get("machine") or self.meta.machine), " and ".join(behind)
+        try:
+            self.save_last_weights(int(state["epoch"]), state, plan, behind, meta)
+            self.mended = f"; {names} written again from the state (missing, or a kill had left them behind it)"
+        except OSError as err:
+            self.mended = f"; {names} behind the state and not written again ({first_line(err)}): its weights are in last.state.pt"
 
 
 def _behind(path, state: dict) -> bool:
     """Whether weights at `path` are missing, unreadable, or from another step than the state's."""
     try:
         meta = read_metadata(path)
-    except CheckpointError:
+    except (CheckpointError, ValueError):  # ValueError: metadata that is not JSON
         return True
     return (meta.get("training") or {}).get("steps", state["step"]) != state["step"] or meta.get("epoch") != state["epoch"]
 

@@ -143,7 +143,7 @@ class TimeBudget:
 
     def length(self) -> dict:
         """The length chosen so far, for the weights' metadata (export's recipe and model card read it)."""
-        return {"epochs": self.plan.epochs, "total_steps": self.plan.total_steps}
+        return self.plan.length()
 
     def _every(self) -> int:
         return max(1, round(CHECK_SHARE * self.plan.total_steps))

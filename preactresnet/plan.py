@@ -78,6 +78,10 @@ class RunPlan:
                 knots.append((self.warmup_steps, self.schedule_warmup))
         self.knots, self.total_steps = knots, total
 
+    def length(self) -> dict:
+        """Its epochs and steps, as a time budget's weights carry them in their metadata (export and the model card read it)."""
+        return {"epochs": self.epochs, "total_steps": self.total_steps}
+
     def state_dict(self) -> dict:
         return {"steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
                 "schedule_steps": self.schedule_steps, "schedule_warmup": self.schedule_warmup,

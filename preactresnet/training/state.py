@@ -127,8 +127,7 @@ class Checkpointer:
         behind = [f for f in files if _behind(self.dirs.checkpoints / f, state)] if known else []
         if not behind:
             return
-        saved = RunPlan.from_state(state["plan"])
-        plan = {"epochs": saved.epochs, "total_steps": saved.total_steps} if state.get("budget") else None
+        plan = RunPlan.from_state(state["plan"]).length() if state.get("budget") else None  # as save_epoch was given it
         meta, names = replace(self.meta, machine=state.get("machine") or self.meta.machine), " and ".join(behind)
         try:
             self.save_last_weights(int(state["epoch"]), state, plan, behind, meta)

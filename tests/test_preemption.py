@@ -396,7 +396,7 @@ def test_a_kill_after_the_state_leaves_no_weights_behind_it(tmp_path, monkeypatc
 
 def test_a_resume_writes_no_weights_that_are_in_step_and_mends_a_budgets_with_its_plan(tmp_path):
     """Nothing behind: a finished run's resume leaves its weights as they were and says nothing of them. A time
-    budget's last weights, deleted: written again with the plan its state holds (epochs and steps)."""
+    budget's last weights, deleted: written again with the plan its state holds (epochs and steps) and its save's date."""
     t = trainer(tmp_path, "--epochs", "2", "--max-steps-per-epoch", "3", "--run-name", "done")
     t.fit()
     run = tmp_path / "ck" / "done"
@@ -405,7 +405,9 @@ def test_a_resume_writes_no_weights_that_are_in_step_and_mends_a_budgets_with_it
     training.Trainer.from_config(*parse_args(run_args(tmp_path, "--resume", str(run))), out=lambda *a: lines.append(str(a))).fit()
     assert (run / "last.safetensors").read_bytes() == before and not any("written again" in line for line in lines)
     state = {**load_state(run / "last.state.pt"), "budget": {"seconds": 60.0}}  # as a --time-budget run saves it
+    state["date"] = "2026-01-02"  # saved on an earlier day than the resume's: the weights are that day's
     (run / "last.safetensors").unlink()
     t.checkpointer.mend_last_weights(state)
     assert read_metadata(run / "last.safetensors")["plan"] == {"epochs": 2, "total_steps": 6}
+    assert read_metadata(run / "last.safetensors")["training"]["date"] == "2026-01-02"
     assert t.checkpointer.mended.startswith("; last.safetensors written again")

@@ -160,9 +160,14 @@ def check_same_data(state: dict, classes: list, steps_per_epoch: int, run_dir) -
 
 def trained(epoch: int, record: dict) -> dict:
     """What the run had done when its weights were saved, for their metadata and model card: optimizer steps, whole
-    epochs, minutes on its clock (training and evaluation, over every resume) and the date (UTC)."""
+    epochs, minutes on its clock (training and evaluation, over every resume) and the date (UTC) of the save that made
+    them (a state's own, where a resume writes its weights again)."""
     return {"steps": record["step"], "epochs": epoch, "minutes": round(record["spent_seconds"] / 60, 1),
-            "date": datetime.now(timezone.utc).date().isoformat()}
+            "date": record.get("date") or today()}
+
+
+def today() -> str:
+    return datetime.now(timezone.utc).date().isoformat()
 
 
 def run_record(trainer) -> dict:
@@ -179,6 +184,7 @@ def run_record(trainer) -> dict:
         "budget": t.budget.state_dict() if t.budget is not None else None,
         "spent_seconds": t.clock.spent(),  # a resumed time budget spends only what is left
         "command": t.meta.command, "machine": t.meta.machine,  # what started the run, where it trained (resumed_meta)
+        "date": today(),  # the day of this save (UTC), which weights written again from the state carry
     }
 
 

@@ -43,6 +43,7 @@ def load_points(path: Path) -> dict[str, list[dict]]:
 # their right, and so meet 5 minutes' labels between the two: one column.
 BANDS = ((0, "left", "demo"), (3, "left", "5-15"), (10, "right", "5-15"), (25, "left", "30"), (45, "left", "60"),
          (120, "right", "hours"))
+DOWN = ("60",)  # columns whose labels move apart downwards: above the hour's sit the hours' labels, which reach left
 
 
 def band(minutes: float) -> tuple[float, str, str]:
@@ -50,14 +51,16 @@ def band(minutes: float) -> tuple[float, str, str]:
 
 
 def spread(labels: list[dict], gap: float = 0.95) -> list[dict]:
-    """Labels of one column of BANDS move apart, the lowest first, `gap` accuracy points at least."""
+    """Labels of one column of BANDS move apart, `gap` accuracy points at least: the lowest first, upwards (the
+    highest first, downwards, in the DOWN columns)."""
     columns = defaultdict(list)
     for lab in labels:
         columns[band(lab["x"])[2]].append(lab)
-    for column in columns.values():
-        column.sort(key=lambda lab: lab["y"])
-        for low, high in zip(column, column[1:]):
-            high["y"] = max(high["y"], low["y"] + gap)
+    for name, column in columns.items():
+        sign = -1 if name in DOWN else 1
+        column.sort(key=lambda lab: sign * lab["y"])
+        for first, then in zip(column, column[1:]):
+            then["y"] = sign * max(sign * then["y"], sign * first["y"] + gap)
     return labels
 
 
